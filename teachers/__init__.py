@@ -1,0 +1,8 @@
+"""Teacher loaders (open_clip, speech recognisers, BEV detectors).
+
+Importing this package imports every module below it, so their registrations run.
+"""
+
+from xmodal.plugins import import_submodules
+
+import_submodules(__name__)

@@ -1,0 +1,39 @@
+"""The command line: help lists the subcommands, info reports versions, unbuilt commands say so."""
+
+import subprocess
+import sys
+
+from xmodal.cli import COMMANDS, main
+
+
+def test_help_lists_subcommands(capsys):
+    try:
+        main(["--help"])
+    except SystemExit as e:
+        assert e.code == 0
+    out = capsys.readouterr().out
+    for name in ("info", "distill", "cache", "demo", "config", "export"):
+        assert name in out
+
+
+def test_info_json(capsys):
+    import json
+
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["torch_threads"] >= 1 and "cpu" in info["devices"] and info["torch"]
+
+
+def test_group_without_subcommand_prints_help(capsys):
+    assert main(["config"]) == 2
+    assert "show" in capsys.readouterr().out
+
+
+def test_commands_have_real_help():
+    for name in COMMANDS.names():
+        assert len(COMMANDS.get(name).help) > 10, name
+
+
+def test_module_entry_point():
+    r = subprocess.run([sys.executable, "-m", "xmodal", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("xmodal ")

@@ -1,0 +1,107 @@
+"""`xmodal` command line: subcommands come from a registry that core modules and plugins fill."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from xmodal.errors import XmodalError
+from xmodal.registry import Registry
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: `configure(parser)` adds arguments, `run(args)` does the work and returns an exit code."""
+
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    description: str = ""
+
+
+COMMANDS: Registry[Command] = Registry("command")
+
+GROUPS = {
+    "eval": "evaluate a model: retrieval, zero-shot classification, lip reading",
+    "data": "generate synthetic data sets and inspect data",
+    "config": "inspect configuration files",
+}
+
+
+def register_command(
+    name: str,
+    help: str,
+    configure: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], int],
+    description: str = "",
+    *,
+    override: bool = False,
+) -> Command:
+    """Register `xmodal NAME`; a two-word name ("eval retrieval") puts it in a group."""
+    cmd = Command(name, help, configure, run, description or help)
+    COMMANDS.register(name, cmd, override=override)
+    return cmd
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from xmodal import __version__
+    from xmodal.commands.pending import register_pending
+    from xmodal.plugins import load_plugins
+
+    load_plugins()
+    register_pending()
+    parser = argparse.ArgumentParser(
+        prog="xmodal",
+        description="Cross-modal knowledge distillation: compress CLIP models, train lip readers from speech "
+        "teachers, evaluate retrieval at scale.",
+    )
+    parser.add_argument("--version", action="version", version=f"xmodal {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages and show tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for name in COMMANDS.names():
+        cmd = COMMANDS.get(name)
+        words = name.split(" ")
+        if len(words) == 1:
+            p = sub.add_parser(name, help=cmd.help, description=cmd.description)
+        else:
+            group, leaf = words
+            if group not in groups:
+                gp = sub.add_parser(group, help=GROUPS.get(group, f"{group} commands"))
+                groups[group] = gp.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+                gp.set_defaults(_group_parser=gp)
+            p = groups[group].add_parser(leaf, help=cmd.help, description=cmd.description)
+        cmd.configure(p)
+        p.set_defaults(_command=cmd)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    cmd: Command | None = getattr(args, "_command", None)
+    if cmd is None:
+        (getattr(args, "_group_parser", None) or parser).print_help()
+        return 2
+    try:
+        return int(cmd.run(args) or 0)
+    except XmodalError as e:
+        if args.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

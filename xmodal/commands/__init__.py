@@ -1,0 +1,1 @@
+"""Core subcommands; every module here registers itself with `xmodal.cli.register_command`."""
