@@ -1,0 +1,1 @@
+"""Data sets, manifests and deterministic synthetic generators."""
