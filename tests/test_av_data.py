@@ -1,0 +1,308 @@
+import json
+import math
+import wave
+
+import numpy as np
+import pytest
+import torch
+
+from xmodal.data import av as avdata
+from xmodal.data.av import (
+    AudioConfig,
+    AVSpeechDataset,
+    VideoConfig,
+    collate_av,
+    decode_video,
+    load_audio,
+    read_av_manifest,
+)
+from xmodal.data.grid import synthesize_grid
+from xmodal.data.vocab import CharVocab
+from xmodal.errors import ConfigError, DataError
+
+ROI, CROP = 32, 28
+EVAL_VIDEO = VideoConfig(crop_size=CROP, backend="decord")
+AUDIO = AudioConfig(n_mels=40)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("avgrid")
+    synthesize_grid(out, speakers=3, utterances=2, seed=1, roi_size=ROI, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def rows(corpus):
+    return [json.loads(line) for s in ("train", "val", "test") for line in (corpus / f"{s}.jsonl").open()]
+
+
+def write_manifest(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def absolute(corpus, row, **changes):
+    row = {**row, "video": str(corpus / row["video"]), "audio": str(corpus / row["audio"])}
+    row.update(changes)
+    return row
+
+
+def write_wav(path, samples, rate):
+    pcm = np.clip(np.round(samples * 32767), -32768, 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+
+
+def test_manifest_paths_are_relative_to_the_manifest(corpus, rows):
+    recs = read_av_manifest(corpus / "train.jsonl")
+    assert recs[0].video == corpus / recs[0].video.relative_to(corpus)
+    assert all(r.video.is_file() and r.audio.is_file() for r in recs)
+    assert recs[0].line == 1 and recs[0].transcript and recs[0].speaker
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"id": "a", "video": "a.mp4"}\n{"id": "b", "video": ', ":2: not valid JSON"),
+    ('{"id": "a"}', ":1: missing required key 'video'"),
+    ('{"id": "a", "video": "a.mp4", "transcript": 5}', ":1: key 'transcript' must be a string"),
+    ('{"id": "a", "video": "a.mp4"}\n\n{"id": "a", "video": "b.mp4"}', ":3: duplicate id 'a' (first on line 1)"),
+    ('["a"]', ":1: each line must be a JSON object"),
+    ("\n", "no records"),
+])
+def test_manifest_errors_name_line_and_key(tmp_path, text, message):
+    path = tmp_path / "m.jsonl"
+    path.write_text(text)
+    with pytest.raises(DataError) as e:
+        read_av_manifest(path)
+    assert message in str(e.value) and str(path) in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------- items
+
+
+def test_item_shapes_and_targets(corpus):
+    vocab = CharVocab()
+    ds = AVSpeechDataset(corpus / "train.jsonl", vocab, video=EVAL_VIDEO, audio=AUDIO, train=False)
+    item = ds[0]
+    frames = decode_video(ds.records[0].video, "pyav")
+    t = frames.shape[0]
+    assert item["video"].shape == (t, 1, CROP, CROP) and item["video"].dtype == torch.float32
+    assert item["audio"].dtype == torch.float32 and item["audio"].shape[1] == 40
+    assert abs(item["audio"].shape[0] - 4 * t) <= 3  # 10 ms audio frames vs 40 ms video frames
+    assert torch.allclose(item["audio"].mean(0), torch.zeros(40), atol=1e-4)  # per-utterance normalised
+    assert item["targets"].dtype == torch.long
+    assert vocab.decode(item["targets"].tolist()) == item["transcript"] == ds.records[0].transcript
+    assert item["id"] == ds.records[0].id and item["speaker"] == ds.records[0].speaker
+    # centre crop, normalised with the configured statistics
+    centre = (frames[:, 2:2 + CROP, 2:2 + CROP] / 255.0 - EVAL_VIDEO.mean) / EVAL_VIDEO.std
+    assert (item["video"][:, 0].numpy() - centre).__abs__().mean() < 0.05
+
+
+def test_train_augmentation_is_seeded(corpus):
+    cfg = VideoConfig(crop_size=CROP, hflip_prob=0.5, time_masks=2, time_mask_max_frames=8)
+    ds = AVSpeechDataset(corpus / "train.jsonl", CharVocab(), video=cfg, audio=None, train=True, seed=7)
+    a, b = ds[0]["video"], ds[0]["video"]
+    assert torch.equal(a, b)
+    same_seed = AVSpeechDataset(corpus / "train.jsonl", CharVocab(), video=cfg, audio=None, train=True, seed=7)
+    assert torch.equal(same_seed[0]["video"], a)
+    variants = set()
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        variants.add(ds[0]["video"].numpy().tobytes())
+    assert len(variants) > 3
+    assert "audio" not in ds[0]
+
+
+def test_time_masking_zeroes_whole_frames(corpus):
+    base = dict(crop_size=CROP, random_crop=False, hflip_prob=0.0)
+    clean = AVSpeechDataset(corpus / "train.jsonl", CharVocab(), video=VideoConfig(**base), audio=None)[0]["video"]
+    masked_cfg = VideoConfig(**base, time_masks=1, time_mask_max_frames=1000)
+    ds = AVSpeechDataset(corpus / "train.jsonl", CharVocab(), video=masked_cfg, audio=None, train=True)
+    for epoch in range(5):
+        ds.set_epoch(epoch)
+        v = ds[0]["video"]
+        zero = (v == 0).flatten(1).all(1)
+        if zero.any():
+            break
+    assert zero.any() and not zero.all()
+    assert torch.equal(v[~zero], clean[~zero])
+    idx = torch.nonzero(zero).flatten()
+    assert idx.max() - idx.min() + 1 == len(idx)  # one contiguous span
+
+
+def test_flip_and_random_crop(corpus):
+    base = AVSpeechDataset(corpus / "train.jsonl", CharVocab(),
+                           video=VideoConfig(crop_size=CROP, random_crop=False, hflip_prob=0.0), audio=None)[0]
+    flip = AVSpeechDataset(corpus / "train.jsonl", CharVocab(), train=True, audio=None,
+                           video=VideoConfig(crop_size=CROP, random_crop=False, hflip_prob=1.0, time_masks=0))[0]
+    assert torch.equal(flip["video"], base["video"].flip(-1))
+    crops = set()
+    ds = AVSpeechDataset(corpus / "train.jsonl", CharVocab(), train=True, audio=None,
+                         video=VideoConfig(crop_size=CROP, hflip_prob=0.0, time_masks=0))
+    for epoch in range(8):
+        ds.set_epoch(epoch)
+        crops.add(ds[0]["video"].numpy().tobytes())
+    assert len(crops) > 1
+
+
+def test_decord_and_pyav_agree(corpus, rows):
+    path = corpus / rows[0]["video"]
+    a, b = decode_video(path, "decord"), decode_video(path, "pyav")
+    assert a.shape == b.shape and a.dtype == b.dtype == np.uint8
+    assert np.abs(a.astype(int) - b).mean() < 2.0
+    with pytest.raises(ConfigError, match="backend"):
+        decode_video(path, "opencv")
+
+
+def test_pyav_fallback_when_decord_fails(corpus, monkeypatch):
+    real = avdata.decode_video
+    calls = []
+
+    def broken_decord(path, backend="decord", num_threads=1):
+        calls.append(backend)
+        if backend == "decord":
+            raise RuntimeError("decord cannot open this file")
+        return real(path, backend, num_threads)
+
+    monkeypatch.setattr(avdata, "decode_video", broken_decord)
+    ds = AVSpeechDataset(corpus / "train.jsonl", CharVocab(), video=EVAL_VIDEO, audio=None)
+    assert ds[0]["video"].shape[1:] == (1, CROP, CROP)
+    assert calls == ["decord", "pyav"]
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def test_unreadable_video_names_sample_path_and_both_backends(corpus, rows, tmp_path):
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"\x00not a video" * 100)
+    m = write_manifest(tmp_path / "m.jsonl", [absolute(corpus, rows[0], id="utt-broken", video=str(bad))])
+    ds = AVSpeechDataset(m, CharVocab(), video=EVAL_VIDEO, audio=None)
+    with pytest.raises(DataError) as e:
+        ds[0]
+    msg = str(e.value)
+    assert "utt-broken" in msg and str(bad) in msg and "decord:" in msg and "pyav:" in msg
+
+
+def test_missing_files_name_the_sample(corpus, rows, tmp_path):
+    m = write_manifest(tmp_path / "m.jsonl", [absolute(corpus, rows[0], id="utt-noaudio",
+                                                       audio=str(tmp_path / "nowhere.wav"))])
+    with pytest.raises(DataError, match=r"utt-noaudio.*nowhere\.wav.*does not exist"):
+        AVSpeechDataset(m, CharVocab(), video=EVAL_VIDEO, audio=AUDIO)[0]
+    m = write_manifest(tmp_path / "m2.jsonl", [absolute(corpus, rows[0], id="utt-novideo",
+                                                        video=str(tmp_path / "nowhere.mp4"))])
+    with pytest.raises(DataError, match=r"utt-novideo.*nowhere\.mp4.*does not exist"):
+        AVSpeechDataset(m, CharVocab(), video=EVAL_VIDEO, audio=AUDIO)[0]
+    no_audio_key = {k: v for k, v in absolute(corpus, rows[0], id="utt-nokey").items() if k != "audio"}
+    m = write_manifest(tmp_path / "m3.jsonl", [no_audio_key])
+    with pytest.raises(DataError, match=r"utt-nokey.*'audio'"):
+        AVSpeechDataset(m, CharVocab(), video=EVAL_VIDEO, audio=AUDIO)
+    assert AVSpeechDataset(m, CharVocab(), video=EVAL_VIDEO, audio=None)[0]["video"].ndim == 4
+
+
+def test_transcript_errors_name_the_sample(corpus, rows, tmp_path):
+    m = write_manifest(tmp_path / "m.jsonl", [absolute(corpus, rows[0], id="utt-empty", transcript="  ")])
+    with pytest.raises(DataError, match=r"utt-empty.*empty transcript"):
+        AVSpeechDataset(m, CharVocab(), video=EVAL_VIDEO, audio=AUDIO)
+    item = AVSpeechDataset(m, CharVocab(), video=EVAL_VIDEO, audio=AUDIO, require_transcript=False)[0]
+    assert item["targets"].numel() == 0 and item["transcript"] == ""
+    m = write_manifest(tmp_path / "m2.jsonl", [absolute(corpus, rows[0], id="utt-oov", transcript="set 4 now")])
+    with pytest.raises(DataError, match=r"utt-oov.*'4'"):
+        AVSpeechDataset(m, CharVocab(), video=EVAL_VIDEO, audio=AUDIO)
+    # normalisation happens before encoding: case and punctuation are fine
+    m = write_manifest(tmp_path / "m3.jsonl", [absolute(corpus, rows[0], transcript="Set Blue, at A. Now!")])
+    assert AVSpeechDataset(m, CharVocab(), video=None, audio=AUDIO)[0]["transcript"] == "set blue at a now"
+
+
+# ---------------------------------------------------------------------------------------------- audio
+
+
+def test_audio_is_resampled_when_the_file_rate_differs(tmp_path):
+    t8 = np.arange(8000 * 1) / 8000
+    write_wav(tmp_path / "a8k.wav", 0.5 * np.sin(2 * math.pi * 440 * t8), 8000)
+    t16 = np.arange(16000 * 1) / 16000
+    write_wav(tmp_path / "a16k.wav", 0.5 * np.sin(2 * math.pi * 440 * t16), 16000)
+    up = load_audio(tmp_path / "a8k.wav", 16000)
+    ref = load_audio(tmp_path / "a16k.wav", 16000)
+    assert up.shape == ref.shape == (16000,)
+    spectrum = np.abs(np.fft.rfft(up.numpy()))
+    assert abs(np.argmax(spectrum) - 440) <= 1  # 1 Hz bins over one second
+    assert torch.allclose(up[200:-200], ref[200:-200], atol=0.02)
+    feats_up = avdata.fbank_features(up, AUDIO)
+    feats_ref = avdata.fbank_features(ref, AUDIO)
+    assert feats_up.shape == feats_ref.shape == (98, 40)
+    with pytest.raises(DataError, match="utt-short"):
+        avdata.fbank_features(torch.zeros(10), AUDIO, "utt-short")
+
+
+def test_dataset_resamples_a_file_at_another_rate(corpus, rows, tmp_path):
+    src = corpus / rows[0]["audio"]
+    with wave.open(str(src)) as w:
+        x = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768
+    import torchaudio.functional as AF
+
+    x8 = AF.resample(torch.from_numpy(x), 16000, 8000).numpy()
+    write_wav(tmp_path / "low.wav", x8, 8000)
+    m = write_manifest(tmp_path / "m.jsonl", [absolute(corpus, rows[0]),
+                                              absolute(corpus, rows[0], id="low", audio=str(tmp_path / "low.wav"))])
+    ds = AVSpeechDataset(m, CharVocab(), video=None, audio=AUDIO)
+    assert ds[0]["audio"].shape == ds[1]["audio"].shape
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+
+def test_collate_pads_and_masks(corpus):
+    ds = AVSpeechDataset(corpus / "train.jsonl", CharVocab(), video=EVAL_VIDEO, audio=AUDIO)
+    items = [ds[0], ds[1]]
+    short = dict(items[1])
+    short["video"], short["audio"] = items[1]["video"][:7], items[1]["audio"][:30]
+    short["targets"] = items[1]["targets"][:5]
+    batch = collate_av([items[0], short])
+    t0 = items[0]["video"].shape[0]
+    assert batch["video"].shape == (2, t0, 1, CROP, CROP)
+    assert batch["video_mask"].dtype == torch.bool
+    assert batch["video_mask"].sum(1).tolist() == [t0, 7] == batch["video_lengths"].tolist()
+    assert torch.equal(batch["video"][1, :7], short["video"]) and (batch["video"][1, 7:] == 0).all()
+    assert batch["audio"].shape == (2, items[0]["audio"].shape[0], 40)
+    assert batch["audio_mask"].sum(1).tolist() == [items[0]["audio"].shape[0], 30]
+    assert (batch["audio"][1, 30:] == 0).all()
+    n0 = len(items[0]["targets"])
+    assert batch["targets"].shape == (2, n0) and batch["target_lengths"].tolist() == [n0, 5]
+    assert (batch["targets"][1, 5:] == -1).all() and torch.equal(batch["targets"][0], items[0]["targets"])
+    assert batch["ids"] == [items[0]["id"], short["id"]]
+    assert batch["transcripts"][0] == items[0]["transcript"] and len(batch["speakers"]) == 2
+
+
+def test_collate_rejects_mixed_shapes_naming_samples(corpus):
+    ds = AVSpeechDataset(corpus / "train.jsonl", CharVocab(), video=EVAL_VIDEO, audio=None)
+    other = AVSpeechDataset(corpus / "train.jsonl", CharVocab(), video=VideoConfig(crop_size=24), audio=None)
+    a, b = ds[0], other[1]
+    with pytest.raises(DataError, match=a["id"]):
+        collate_av([a, b])
+    with pytest.raises(DataError, match="empty"):
+        collate_av([])
+
+
+def test_dataloader_with_workers_matches_in_process(corpus):
+    ds = AVSpeechDataset(corpus / "train.jsonl", CharVocab(), video=VideoConfig(crop_size=CROP), audio=AUDIO,
+                         train=True, seed=3)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate_av, num_workers=1)
+    batch = next(iter(loader))
+    direct = collate_av([ds[0], ds[1]])
+    assert torch.equal(batch["video"], direct["video"]) and torch.equal(batch["audio"], direct["audio"])
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="backend"):
+        VideoConfig(backend="cv2")
+    with pytest.raises(ConfigError, match="crop_size"):
+        VideoConfig(crop_size=64, resize=32)
+    with pytest.raises(ConfigError, match="at least one"):
+        AVSpeechDataset([], CharVocab(), video=None, audio=None)

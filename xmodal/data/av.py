@@ -1,0 +1,412 @@
+"""Audio-visual speech data: JSON-lines manifests, lip video + log-mel audio per utterance, padded batches.
+
+Manifest lines look like {"id", "video", "audio", "transcript", "speaker"}; relative paths are resolved against
+the manifest's folder. Video is decoded with decord (PyAV as fallback), turned to grayscale, cropped to the
+mouth region and normalised; audio becomes per-utterance normalised log-mel filterbanks (Kaldi-style).
+"""
+
+from __future__ import annotations
+
+import json
+import wave
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from xmodal.data.vocab import IGNORE_ID, CharVocab
+from xmodal.errors import ConfigError, DataError
+
+VIDEO_BACKENDS = ("decord", "pyav")
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601, as ffmpeg's rgb→gray
+
+
+@dataclass
+class VideoConfig:
+    """Lip video preprocessing. Frames are grayscale, optionally resized (square, `resize` pixels), then
+    cropped to `crop_size` (random in training, centred otherwise) and normalised with mean/std (on [0, 1]
+    pixel values; the defaults are the usual LRS3 mouth-crop statistics).
+
+    Training augmentation: horizontal flip with `hflip_prob`, and `time_masks` spans of up to
+    `time_mask_max_frames` frames set to zero after normalisation (i.e. to the mean pixel).
+    """
+
+    crop_size: int = 56
+    resize: int | None = None
+    mean: float = 0.421
+    std: float = 0.165
+    backend: str = "decord"
+    random_crop: bool = True
+    hflip_prob: float = 0.5
+    time_masks: int = 1
+    time_mask_max_frames: int = 10
+
+    def __post_init__(self) -> None:
+        if self.backend not in VIDEO_BACKENDS:
+            raise ConfigError(f"video.backend must be one of {VIDEO_BACKENDS}, got {self.backend!r}")
+        if self.crop_size < 1 or (self.resize is not None and self.resize < self.crop_size):
+            raise ConfigError(f"video.crop_size ({self.crop_size}) must be >= 1 and <= video.resize "
+                              f"({self.resize})")
+        if self.std <= 0:
+            raise ConfigError(f"video.std must be positive, got {self.std}")
+        if not 0.0 <= self.hflip_prob <= 1.0:
+            raise ConfigError(f"video.hflip_prob must be in [0, 1], got {self.hflip_prob}")
+        if self.time_masks < 0 or self.time_mask_max_frames < 0:
+            raise ConfigError("video.time_masks and video.time_mask_max_frames must be >= 0")
+
+
+@dataclass
+class AudioConfig:
+    """Log-mel filterbank features at `sample_rate` (files at other rates are resampled)."""
+
+    sample_rate: int = 16000
+    n_mels: int = 80
+    frame_length_ms: float = 25.0
+    frame_shift_ms: float = 10.0
+    normalize: bool = True  # per-utterance mean/variance normalisation
+
+    def __post_init__(self) -> None:
+        if self.sample_rate < 1000:
+            raise ConfigError(f"audio.sample_rate must be >= 1000 Hz, got {self.sample_rate}")
+        if self.n_mels < 1 or self.frame_length_ms <= 0 or self.frame_shift_ms <= 0:
+            raise ConfigError("audio.n_mels, audio.frame_length_ms and audio.frame_shift_ms must be positive")
+
+
+@dataclass(frozen=True)
+class AVRecord:
+    """One manifest line with paths resolved; `line` is its 1-based line number in `source`."""
+
+    id: str
+    video: Path
+    audio: Path | None = None
+    transcript: str | None = None
+    speaker: str | None = None
+    source: str = "<memory>"
+    line: int = 0
+    extra: dict = field(default_factory=dict, compare=False)
+
+
+_KNOWN_KEYS = ("id", "video", "audio", "transcript", "speaker")
+
+
+def read_av_manifest(path: str | Path) -> list[AVRecord]:
+    """Read a JSON-lines manifest; every problem names the file, the line number and the key."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise DataError(f"cannot read manifest {path}: {e}") from e
+    root = path.parent
+    records: list[AVRecord] = []
+    seen: dict[str, int] = {}
+    for n, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: each line must be a JSON object, got {type(row).__name__}")
+        for key in ("id", "video"):
+            if key not in row:
+                raise DataError(f"{where}: missing required key {key!r} (keys present: {sorted(row)})")
+        for key in _KNOWN_KEYS:
+            if key in row and row[key] is not None and not isinstance(row[key], str):
+                raise DataError(f"{where}: key {key!r} must be a string, got {type(row[key]).__name__}")
+        sid = row["id"]
+        if not sid:
+            raise DataError(f"{where}: key 'id' is empty")
+        if not row["video"]:
+            raise DataError(f"{where}: key 'video' is empty (sample {sid!r})")
+        if sid in seen:
+            raise DataError(f"{where}: duplicate id {sid!r} (first on line {seen[sid]})")
+        seen[sid] = n
+        audio = row.get("audio")
+        records.append(AVRecord(
+            id=sid,
+            video=root / row["video"],
+            audio=root / audio if audio else None,
+            transcript=row.get("transcript"),
+            speaker=row.get("speaker"),
+            source=str(path),
+            line=n,
+            extra={k: v for k, v in row.items() if k not in _KNOWN_KEYS},
+        ))
+    if not records:
+        raise DataError(f"manifest {path} has no records")
+    return records
+
+
+# ----------------------------------------------------------------------------------------------- video
+
+
+def decode_video(path: str | Path, backend: str = "decord", num_threads: int = 1) -> np.ndarray:
+    """All frames of a video as grayscale uint8 [T, H, W], decoded with decord or PyAV."""
+    path = Path(path)
+    if backend == "decord":
+        import decord
+
+        vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=num_threads)
+        n = len(vr)
+        if n == 0:
+            raise DataError(f"{path} has no video frames")
+        rgb = vr.get_batch(list(range(n))).asnumpy()  # [T, H, W, 3] uint8
+        return np.clip(rgb.astype(np.float32) @ _LUMA + 0.5, 0, 255).astype(np.uint8)
+    if backend == "pyav":
+        import av
+
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise DataError(f"{path} has no video stream")
+            stream = container.streams.video[0]
+            stream.thread_count = num_threads
+            frames = [f.to_ndarray(format="gray") for f in container.decode(stream)]
+        if not frames:
+            raise DataError(f"{path} has no video frames")
+        return np.stack(frames)
+    raise ConfigError(f"unknown video backend {backend!r}; choose one of {VIDEO_BACKENDS}")
+
+
+def _load_frames(rec: AVRecord, backend: str) -> np.ndarray:
+    """Decode with the configured backend, then the other one; if both fail, name both errors."""
+    if not rec.video.is_file():
+        raise DataError(f"sample {rec.id!r}: video file {rec.video} does not exist ({rec.source}:{rec.line})")
+    errors = []
+    order = (backend,) + tuple(b for b in VIDEO_BACKENDS if b != backend)
+    for b in order:
+        try:
+            return decode_video(rec.video, b)
+        except ImportError as e:
+            errors.append(f"{b}: not installed ({e})")
+        except Exception as e:  # decoders raise their own error types
+            errors.append(f"{b}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+    raise DataError(f"sample {rec.id!r}: cannot read video {rec.video}: " + "; ".join(errors)
+                    + " (re-encode the file, e.g. as H.264 mp4)")
+
+
+def _crop_offsets(h: int, w: int, size: int, random: bool, gen: torch.Generator) -> tuple[int, int]:
+    if random:
+        top = int(torch.randint(0, h - size + 1, (1,), generator=gen))
+        left = int(torch.randint(0, w - size + 1, (1,), generator=gen))
+        return top, left
+    return (h - size) // 2, (w - size) // 2
+
+
+def preprocess_video(frames: np.ndarray, cfg: VideoConfig, train: bool, gen: torch.Generator,
+                     sample_id: str = "?") -> torch.Tensor:
+    """uint8 [T, H, W] → normalised float [T, 1, crop, crop] with train-time augmentation."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).float().div_(255.0).unsqueeze(1)  # [T, 1, H, W]
+    if cfg.resize is not None and tuple(x.shape[-2:]) != (cfg.resize, cfg.resize):
+        x = torch.nn.functional.interpolate(x, size=(cfg.resize, cfg.resize), mode="bilinear",
+                                            align_corners=False, antialias=True)
+    t, _, h, w = x.shape
+    size = cfg.crop_size
+    if h < size or w < size:
+        raise DataError(f"sample {sample_id!r}: frames are {h}x{w}, smaller than video.crop_size={size}; "
+                        "lower crop_size or set video.resize")
+    top, left = _crop_offsets(h, w, size, train and cfg.random_crop, gen)
+    x = x[:, :, top:top + size, left:left + size]
+    x = (x - cfg.mean) / cfg.std
+    if train:
+        if cfg.hflip_prob > 0 and float(torch.rand((), generator=gen)) < cfg.hflip_prob:
+            x = x.flip(-1)
+        x = x.clone()
+        for _ in range(cfg.time_masks):
+            width = int(torch.randint(0, min(cfg.time_mask_max_frames, t) + 1, (1,), generator=gen))
+            if width:
+                start = int(torch.randint(0, t - width + 1, (1,), generator=gen))
+                x[start:start + width] = 0.0
+    return x.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------- audio
+
+
+def _read_wav(path: Path) -> tuple[np.ndarray, int]:
+    """Integer PCM wav → float32 mono in [-1, 1] via the standard library."""
+    with wave.open(str(path), "rb") as w:
+        channels, width, rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
+        raw = w.readframes(n)
+    if width == 1:
+        x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif width == 2:
+        x = np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
+    elif width == 3:
+        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
+        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+        x = (np.where(v >= 1 << 23, v - (1 << 24), v)).astype(np.float32) / float(1 << 23)
+    elif width == 4:
+        x = np.frombuffer(raw, "<i4").astype(np.float32) / float(1 << 31)
+    else:
+        raise ValueError(f"unsupported sample width {width} bytes")
+    if channels > 1:
+        x = x.reshape(-1, channels).mean(1)
+    return x, rate
+
+
+def _read_with_pyav(path: Path) -> tuple[np.ndarray, int]:
+    import av
+
+    with av.open(str(path)) as container:
+        if not container.streams.audio:
+            raise ValueError("no audio stream")
+        stream = container.streams.audio[0]
+        rate = stream.rate or stream.codec_context.sample_rate
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+        chunks = []
+        for frame in container.decode(stream):
+            for out in resampler.resample(frame):
+                chunks.append(out.to_ndarray().reshape(-1))
+        for out in resampler.resample(None):
+            chunks.append(out.to_ndarray().reshape(-1))
+    return (np.concatenate(chunks) if chunks else np.zeros(0, np.float32)), int(rate)
+
+
+def load_audio(path: str | Path, sample_rate: int, sample_id: str = "?") -> torch.Tensor:
+    """Mono float32 waveform [N] at `sample_rate` (resampled with torchaudio when the file differs)."""
+    import torchaudio.functional as AF
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"sample {sample_id!r}: audio file {path} does not exist")
+    errors = []
+    x = rate = None
+    if path.suffix.lower() == ".wav":
+        try:
+            x, rate = _read_wav(path)
+        except (wave.Error, ValueError, EOFError) as e:
+            errors.append(f"wave: {e}")
+    if x is None:
+        try:
+            x, rate = _read_with_pyav(path)
+        except Exception as e:
+            errors.append(f"pyav: {type(e).__name__}: {e}")
+            raise DataError(f"sample {sample_id!r}: cannot read audio {path}: " + "; ".join(errors)) from e
+    wav = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    if rate != sample_rate:
+        wav = AF.resample(wav, rate, sample_rate)
+    return wav
+
+
+def fbank_features(wav: torch.Tensor, cfg: AudioConfig, sample_id: str = "?") -> torch.Tensor:
+    """Kaldi-compatible log-mel filterbanks [frames, n_mels], optionally mean/variance normalised."""
+    from torchaudio.compliance import kaldi
+
+    min_len = int(cfg.sample_rate * cfg.frame_length_ms / 1000)
+    if wav.numel() < min_len:
+        raise DataError(f"sample {sample_id!r}: audio has {wav.numel()} samples, fewer than one "
+                        f"{cfg.frame_length_ms} ms analysis frame ({min_len} samples)")
+    feats = kaldi.fbank(wav.unsqueeze(0) * 32768.0, num_mel_bins=cfg.n_mels, frame_length=cfg.frame_length_ms,
+                        frame_shift=cfg.frame_shift_ms, dither=0.0, energy_floor=0.0,
+                        sample_frequency=cfg.sample_rate)
+    if cfg.normalize:
+        feats = (feats - feats.mean(0, keepdim=True)) / (feats.std(0, keepdim=True, unbiased=False) + 1e-5)
+    return feats
+
+
+# ----------------------------------------------------------------------------------------------- data set
+
+
+class AVSpeechDataset(Dataset):
+    """Audio-visual utterances for lip reading. Items: id, speaker, video [T, 1, H, W], audio [Ta, n_mels],
+    transcript (normalised), targets (long [L]). Pass `video=None` or `audio=None` to skip a modality.
+
+    Augmentation is seeded per (seed, epoch, index) through a torch Generator, so it is reproducible with
+    any number of DataLoader workers; call `set_epoch` to vary it between epochs.
+    """
+
+    def __init__(
+        self,
+        manifest: str | Path | Sequence[AVRecord],
+        vocab: CharVocab,
+        *,
+        video: VideoConfig | None,
+        audio: AudioConfig | None,
+        train: bool = False,
+        require_transcript: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if video is None and audio is None:
+            raise ConfigError("AVSpeechDataset needs at least one of video= and audio=")
+        self.records = list(read_av_manifest(manifest) if isinstance(manifest, (str, Path)) else manifest)
+        self.vocab, self.video_cfg, self.audio_cfg = vocab, video, audio
+        self.train, self.require_transcript, self.seed, self.epoch = train, require_transcript, seed, 0
+        self._targets: list[tuple[str, list[int]]] = []
+        for rec in self.records:
+            where = f"sample {rec.id!r} ({rec.source}:{rec.line})"
+            if audio is not None and rec.audio is None:
+                raise DataError(f"{where}: no 'audio' path in the manifest; add one or load with audio=None")
+            text = vocab.normalize(rec.transcript or "")
+            if not text and require_transcript:
+                raise DataError(f"{where}: empty transcript; fix the manifest or pass require_transcript=False")
+            try:
+                self._targets.append((text, vocab.encode(text, sample_id=rec.id)))
+            except DataError as e:
+                raise DataError(f"{e} ({rec.source}:{rec.line})") from None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _generator(self, index: int) -> torch.Generator:
+        state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1, np.uint64)[0]
+        return torch.Generator().manual_seed(int(state) & (2**63 - 1))
+
+    def __getitem__(self, index: int) -> dict:
+        rec = self.records[index]
+        text, ids = self._targets[index]
+        item = {"id": rec.id, "speaker": rec.speaker or "unknown", "transcript": text,
+                "targets": torch.tensor(ids, dtype=torch.long)}
+        gen = self._generator(index)
+        if self.video_cfg is not None:
+            frames = _load_frames(rec, self.video_cfg.backend)
+            item["video"] = preprocess_video(frames, self.video_cfg, self.train, gen, rec.id)
+        if self.audio_cfg is not None:
+            wav = load_audio(rec.audio, self.audio_cfg.sample_rate, rec.id)
+            item["audio"] = fbank_features(wav, self.audio_cfg, rec.id)
+        return item
+
+
+def _pad(seqs: list[torch.Tensor], ids: list[str], name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack [T_i, ...] tensors into [B, T_max, ...] zeros-padded, with a [B, T_max] real-frame mask."""
+    trailing = {tuple(s.shape[1:]) for s in seqs}
+    if len(trailing) > 1:
+        shapes = ", ".join(f"{i}: {tuple(s.shape)}" for i, s in zip(ids, seqs))
+        raise DataError(f"cannot batch {name}: per-frame shapes differ ({shapes}); use one crop size / n_mels")
+    lengths = torch.tensor([s.shape[0] for s in seqs], dtype=torch.long)
+    out = seqs[0].new_zeros((len(seqs), int(lengths.max()), *seqs[0].shape[1:]))
+    for i, s in enumerate(seqs):
+        out[i, : s.shape[0]] = s
+    mask = torch.arange(out.shape[1])[None, :] < lengths[:, None]
+    return out, mask
+
+
+def collate_av(samples: Sequence[dict]) -> dict:
+    """Pad a list of items into a batch: video [B, T, 1, H, W] + video_mask, audio [B, Ta, F] + audio_mask,
+    targets [B, L] padded with -1 + target_lengths, and lists ids, speakers, transcripts."""
+    if not samples:
+        raise DataError("collate_av got an empty list of samples")
+    ids = [s["id"] for s in samples]
+    batch: dict = {"ids": ids, "speakers": [s["speaker"] for s in samples],
+                   "transcripts": [s["transcript"] for s in samples]}
+    for key in ("video", "audio"):
+        have = [key in s for s in samples]
+        if any(have) and not all(have):
+            missing = [i for i, h in zip(ids, have) if not h]
+            raise DataError(f"cannot batch: samples {missing} have no {key!r} while others do")
+        if all(have):
+            batch[key], batch[f"{key}_mask"] = _pad([s[key] for s in samples], ids, key)
+            batch[f"{key}_lengths"] = batch[f"{key}_mask"].sum(1)
+    lengths = torch.tensor([len(s["targets"]) for s in samples], dtype=torch.long)
+    targets = torch.full((len(samples), max(int(lengths.max()), 1)), IGNORE_ID, dtype=torch.long)
+    for i, s in enumerate(samples):
+        targets[i, : len(s["targets"])] = s["targets"]
+    batch["targets"], batch["target_lengths"] = targets, lengths
+    return batch
