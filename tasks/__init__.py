@@ -1,8 +1,4 @@
 """Task heads and evaluators (retrieval, zero-shot, lip reading, detection).
 
-Importing this package imports every module below it, so their registrations run.
+Modules here register themselves into core registries; `xmodal.plugins.load_plugins()` imports them all.
 """
-
-from xmodal.plugins import import_submodules
-
-import_submodules(__name__)

@@ -83,10 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Our own progress at INFO; libraries (open_clip logs every model build to the root logger) at WARNING.
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    logging.getLogger("xmodal").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     cmd: Command | None = getattr(args, "_command", None)
     if cmd is None:
         (getattr(args, "_group_parser", None) or parser).print_help()

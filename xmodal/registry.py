@@ -55,6 +55,12 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         if name not in self._items:
+            from xmodal.plugins import load_plugins, plugins_loaded
+
+            if not plugins_loaded():  # a plugin may provide it: discover them once, then look again
+                load_plugins()
+                if name in self._items:
+                    return self._items[name]
             known = ", ".join(sorted(self._items)) or "none"
             raise ConfigError(f"unknown {self.kind} '{name}'{suggest(name, self.names())}; known: {known}")
         return self._items[name]

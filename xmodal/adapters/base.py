@@ -20,13 +20,16 @@ class ModalityAdapter(nn.Module):
     """Base adapter: `encode` gives native-width Features; `forward` adds the alignment-space projection.
 
     `frozen=True` marks a teacher: eval mode, no gradients, and encoding under torch.inference_mode().
+    `batch_key` reads another batch entry (e.g. "teacher_image" when teacher and student preprocess differently).
     """
 
     modality: ClassVar[str] = ""
     batch_key: ClassVar[str] = ""
 
-    def __init__(self, encoder: nn.Module, width: int, *, frozen: bool = False):
+    def __init__(self, encoder: nn.Module, width: int, *, frozen: bool = False, batch_key: str | None = None):
         super().__init__()
+        if batch_key:
+            self.batch_key = batch_key
         self.encoder = encoder
         self.width = int(width)
         self.frozen = frozen

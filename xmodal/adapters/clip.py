@@ -31,8 +31,10 @@ class ImageAdapter(ModalityAdapter):
 
     modality = "image"
 
-    def __init__(self, model: nn.Module, width: int | None = None, *, frozen: bool = False):
-        super().__init__(model, width or clip_embed_dim(model), frozen=frozen)
+    def __init__(
+        self, model: nn.Module, width: int | None = None, *, frozen: bool = False, batch_key: str | None = None
+    ):
+        super().__init__(model, width or clip_embed_dim(model), frozen=frozen, batch_key=batch_key)
 
     def encode(self, batch: Mapping[str, Any]) -> Features:
         return Features(pooled=self.encoder.encode_image(self.inputs(batch)))
@@ -44,8 +46,10 @@ class TextAdapter(ModalityAdapter):
 
     modality = "text"
 
-    def __init__(self, model: nn.Module, width: int | None = None, *, frozen: bool = False):
-        super().__init__(model, width or clip_embed_dim(model), frozen=frozen)
+    def __init__(
+        self, model: nn.Module, width: int | None = None, *, frozen: bool = False, batch_key: str | None = None
+    ):
+        super().__init__(model, width or clip_embed_dim(model), frozen=frozen, batch_key=batch_key)
 
     def encode(self, batch: Mapping[str, Any]) -> Features:
         return Features(pooled=self.encoder.encode_text(self.inputs(batch)))
