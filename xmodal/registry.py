@@ -53,14 +53,17 @@ class Registry(Generic[T]):
 
         return add(obj) if obj is not None else add
 
+    def _discover(self) -> None:
+        """Plugins may provide more entries: import them once (a no-op after the first time)."""
+        from xmodal.plugins import load_plugins, plugins_loaded
+
+        if not plugins_loaded():
+            load_plugins()
+
     def get(self, name: str) -> T:
         if name not in self._items:
-            from xmodal.plugins import load_plugins, plugins_loaded
-
-            if not plugins_loaded():  # a plugin may provide it: discover them once, then look again
-                load_plugins()
-                if name in self._items:
-                    return self._items[name]
+            self._discover()
+        if name not in self._items:
             known = ", ".join(sorted(self._items)) or "none"
             raise ConfigError(f"unknown {self.kind} '{name}'{suggest(name, self.names())}; known: {known}")
         return self._items[name]
@@ -72,9 +75,12 @@ class Registry(Generic[T]):
         return factory(**kwargs)
 
     def names(self) -> list[str]:
+        self._discover()
         return sorted(self._items)
 
     def __contains__(self, name: object) -> bool:
+        if name not in self._items:
+            self._discover()
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:
