@@ -1,0 +1,283 @@
+"""Checkpoints: atomic writes (crash mid-write, SIGKILL), exact resume, refusal of other teachers and configs."""
+
+from __future__ import annotations
+
+import os
+import random
+import runpy
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from xmodal.engine import (
+    CheckpointManager,
+    capture_rng,
+    config_differences,
+    load_checkpoint,
+    read_metrics,
+    restore_rng,
+    save_checkpoint,
+)
+from xmodal.errors import CheckpointError
+
+# A tiny training setup shared by this process and a subprocess that gets killed mid-run.
+SETUP = textwrap.dedent('''
+    import sys
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, Dataset
+    from xmodal.config import TrainConfig
+    from xmodal.engine import Distiller
+    from xmodal.features import Features
+    from xmodal.losses import build_losses
+
+    class Data(Dataset):
+        def __init__(self, n=40):
+            g = torch.Generator().manual_seed(0)
+            self.x, self.y = torch.randn(n, 12, generator=g), torch.randn(n, 10, generator=g)
+        def __len__(self):
+            return len(self.x)
+        def __getitem__(self, i):
+            return {"id": f"s{i}", "image": self.x[i], "text": self.y[i]}
+
+    class TwoTower(nn.Module):
+        def __init__(self, width, dropout, seed):
+            super().__init__()
+            torch.manual_seed(seed)
+            self.image = nn.Sequential(nn.Linear(12, width), nn.Dropout(dropout), nn.Linear(width, width))
+            self.text = nn.Linear(10, width)
+        def forward(self, batch):
+            return {"image": Features(self.image(batch["image"])), "text": Features(self.text(batch["text"]))}
+
+    def config(steps=40, ckpt_every=1, keep_last=2, lr=0.01):
+        return {"job": "test", "train": dict(steps=steps, batch_size=8, lr=lr, warmup_steps=3, grad_accum=2,
+                                             ckpt_every=ckpt_every, keep_last=keep_last, log_every=1,
+                                             device="cpu", seed=7)}
+
+    def make(run_dir, resume=None, fingerprint="teacher-a", loader=False, **kw):
+        cfg = config(**kw)
+        teacher, student = TwoTower(24, 0.0, 1), TwoTower(16, 0.2, 2)
+        losses = build_losses([{"name": "affinity"}, {"name": "clip", "weight": 0.3}])
+        data = DataLoader(Data(), batch_size=8, shuffle=False) if loader else Data()
+        return Distiller(student, losses, data, TrainConfig(**cfg["train"]), run_dir, teacher=teacher,
+                         config=cfg, teacher_fingerprint=fingerprint, resume=resume, progress=False)
+
+    if __name__ == "__main__":
+        make(sys.argv[1], steps=int(sys.argv[2])).fit()
+''')
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    path = tmp_path_factory.mktemp("setup") / "train_setup.py"
+    path.write_text(SETUP)
+    return path, runpy.run_path(str(path))
+
+
+def full_state(d) -> dict:
+    state = d.state_dict()
+    return {"model": state["model"], "losses": state["losses"], "opt": state["optimizer"]["state"],
+            "step": state["step"], "data": state["data"], "lr": d.optimizer.param_groups[0]["lr"]}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"] and a["data"] == b["data"] and a["lr"] == b["lr"]
+    for key in ("model", "losses"):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), f"{key}.{k} differs"
+    for pid in a["opt"]:
+        for k, v in a["opt"][pid].items():
+            assert torch.equal(v, b["opt"][pid][k]), f"optimizer state {pid}.{k} differs"
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def test_crash_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    mgr = CheckpointManager(tmp_path, keep_last=3)
+    first = mgr.save({"model": {"w": torch.ones(1000)}, "step": 1}, 1)
+    real_save = torch.save
+
+    def dying_save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        f.truncate(f.tell() // 2)  # half the bytes are out when the "crash" hits
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        mgr.save({"model": {"w": torch.zeros(1000)}, "step": 2}, 2)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", first.name]
+    assert mgr.latest() == first
+    assert torch.equal(load_checkpoint(first)["model"]["w"], torch.ones(1000))
+
+
+def test_sigkill_at_any_moment_leaves_valid_checkpoints_and_resume_is_exact(tmp_path, setup):
+    script, ns = setup
+    run_dir = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, str(script), str(run_dir), "400"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    mgr = CheckpointManager(run_dir / "checkpoints")
+    deadline = time.time() + 60
+    while (mgr.latest() is None or int(mgr.latest().stem.split("_")[1]) < 5) and time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.005)
+    time.sleep(random.Random(0).uniform(0.0, 0.05))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+    steps = mgr.steps()
+    assert steps, "no checkpoint survived"
+    # What a kill during a write leaves behind (the kill above may or may not have hit one): a temp file.
+    (mgr.folder / f".step_{steps[-1] + 1:07d}.pt.x1y2.tmp").write_bytes(b"half a checkpoint")
+    assert mgr.latest() == mgr.folder / f"step_{steps[-1]:07d}.pt"
+    for step in steps:  # every checkpoint file on disk is complete
+        assert load_checkpoint(mgr.folder / f"step_{step:07d}.pt")["step"] == step
+
+    # Continue the killed run a few steps and compare with a run that was never killed.
+    until = steps[-1] + 4
+    resumed = ns["make"](run_dir, resume="latest", steps=400)
+    resumed.fit(until=until)
+    assert not list(mgr.folder.glob(".*.tmp")), "stale temp files were not cleaned"
+    straight = ns["make"](tmp_path / "straight", steps=400, ckpt_every=0)
+    straight.fit(until=until)
+    assert_same(full_state(resumed), full_state(straight))
+
+
+# ---------------------------------------------------------------- exact resume
+
+
+@pytest.mark.parametrize("loader", [False, True], ids=["dataset", "dataloader"])
+def test_resume_equals_uninterrupted(tmp_path, setup, loader):
+    _, ns = setup
+    kw = dict(steps=9, ckpt_every=3, keep_last=0, loader=loader)
+    straight = ns["make"](tmp_path / "a", **kw)
+    straight.fit()
+
+    first = ns["make"](tmp_path / "b", **kw)
+    first.fit(until=5)  # stops after step 5 and checkpoints it
+    assert CheckpointManager(tmp_path / "b" / "checkpoints").steps() == [3, 5]
+    second = ns["make"](tmp_path / "b", resume="latest", **kw)
+    second.fit()
+    assert_same(full_state(second), full_state(straight))
+
+    if not loader:  # resuming from an older explicit checkpoint replays the same trajectory too
+        third = ns["make"](tmp_path / "b", resume=tmp_path / "b" / "checkpoints" / "step_0000003.pt", **kw)
+        third.fit()
+        assert_same(full_state(third), full_state(straight))
+
+    a = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "a")}
+    b = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "b")}
+    assert a == b
+
+
+def test_interrupt_saves_last_completed_step_and_resume_is_exact(tmp_path, setup):
+    _, ns = setup
+    straight = ns["make"](tmp_path / "a", steps=6, ckpt_every=0)
+    straight.fit()
+
+    d = ns["make"](tmp_path / "b", steps=6, ckpt_every=0)
+    affinity = d.losses.losses[0]
+    calls = {"n": 0}
+    real_forward = affinity.forward
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 8:  # 2 micro-batches per step: Ctrl-C arrives inside step 4
+            raise KeyboardInterrupt
+        return real_forward(*args, **kwargs)
+
+    affinity.forward = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        d.fit()
+    assert CheckpointManager(tmp_path / "b" / "checkpoints").steps() == [3]
+    resumed = ns["make"](tmp_path / "b", resume="latest", steps=6, ckpt_every=0)
+    resumed.fit()
+    assert_same(full_state(resumed), full_state(straight))
+
+
+def test_resume_latest_without_checkpoints_starts_fresh(tmp_path, setup):
+    _, ns = setup
+    d = ns["make"](tmp_path, resume="latest", steps=2)
+    assert d.fit()["step"] == 2
+
+
+# ---------------------------------------------------------------- refusing the wrong resume
+
+
+def test_teacher_fingerprint_mismatch_errors(tmp_path, setup):
+    _, ns = setup
+    ns["make"](tmp_path, steps=2).fit()
+    with pytest.raises(CheckpointError) as info:
+        ns["make"](tmp_path, resume="latest", fingerprint="teacher-b", steps=4).fit()
+    assert "teacher-a" in str(info.value) and "teacher-b" in str(info.value)
+
+
+def test_incompatible_config_names_the_differences(tmp_path, setup):
+    _, ns = setup
+    ns["make"](tmp_path, steps=2).fit()
+    with pytest.raises(CheckpointError) as info:
+        ns["make"](tmp_path, resume="latest", steps=4, lr=0.02).fit()
+    assert "train.lr: 0.01 → 0.02" in str(info.value)
+    assert "steps" not in str(info.value)  # extending a run is allowed
+
+
+def test_config_differences_rules():
+    old = {"train": {"lr": 1.0, "steps": 5}, "student": {"width": 8}, "resume": None}
+    new = {"train": {"lr": 1.0, "steps": 9}, "student": {"width": 16, "depth": 2}, "resume": "latest"}
+    assert config_differences(old, new) == ["student.depth: (absent) → 2", "student.width: 8 → 16"]
+    assert config_differences(old, new, may_change=["student.*", "steps", "resume"]) == []
+
+
+# ---------------------------------------------------------------- file safety
+
+
+def test_load_refuses_corrupt_truncated_and_unsafe_files(tmp_path):
+    good = save_checkpoint({"model": {"w": torch.arange(1000.0)}, "step": 3}, tmp_path / "good.pt")
+    assert load_checkpoint(good)["step"] == 3
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"model": {}, "step": 1, "payload": CheckpointManager(tmp_path)}, unsafe)  # arbitrary object
+    for path in (truncated, garbage, unsafe):
+        with pytest.raises(CheckpointError, match=path.name):
+            load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_keep_last_prunes_and_latest_points_to_newest(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=2)
+    for step in range(1, 6):
+        mgr.save({"model": {}, "step": step}, step)
+    assert mgr.steps() == [4, 5]
+    assert (tmp_path / "latest").read_text().strip() == "step_0000005.pt"
+    assert mgr.resolve("latest") == tmp_path / "step_0000005.pt"
+    with pytest.raises(CheckpointError, match="does not exist"):
+        mgr.resolve(tmp_path / "step_0000001.pt")
+
+
+def test_rng_state_round_trips_through_weights_only(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    save_checkpoint({"model": {}, "step": 0, "rng": capture_rng()}, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    restore_rng(load_checkpoint(tmp_path / "rng.pt")["rng"])
+    got = (random.random(), np.random.rand(), torch.rand(3))
+    assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])

@@ -1,0 +1,219 @@
+"""Checkpoints: atomic writes, `weights_only` loads, RNG capture, pruning and resume compatibility checks.
+
+Layout: `run_dir/checkpoints/step_0000100.pt` (one per save, written to a temp file and renamed into place,
+so a kill at any moment leaves every `step_*.pt` complete) plus a `latest` text file naming the newest one.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+import random
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from xmodal.errors import CheckpointError
+from xmodal.io import atomic_torch_save, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+
+# Config keys that may change between a run and its resume (matched against the dotted key or its last part).
+RESUME_MAY_CHANGE = (
+    "resume", "steps", "log_every", "eval_every", "ckpt_every", "keep_last", "num_workers", "device",
+    "run_dir", "output_dir", "progress",
+)
+
+
+# ---------------------------------------------------------------- RNG state as weights_only-safe data
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python, numpy, torch and CUDA generator states as tensors and plain lists (loadable with weights_only)."""
+    version, state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    out: dict[str, Any] = {
+        "python": [version, list(state), gauss],
+        "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss),
+                  float(cached)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return out
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    """Inverse of capture_rng."""
+    version, values, gauss = state["python"]
+    random.setstate((int(version), tuple(int(v) for v in values), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available():
+        if len(cuda) != torch.cuda.device_count():
+            log.warning("checkpoint holds %d CUDA RNG states, this machine has %d GPUs; CUDA RNG not restored",
+                        len(cuda), torch.cuda.device_count())
+        else:
+            torch.cuda.set_rng_state_all([t.cpu() for t in cuda])
+
+
+# ---------------------------------------------------------------- save / load
+
+
+def plain_config(config: Any) -> Any:
+    """A JSON-plain copy of a resolved config (paths and other objects become strings)."""
+    from xmodal.config import to_dict
+
+    return json.loads(json.dumps(to_dict(config), default=str))
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write `state` atomically: the file at `path` is either the old one or the complete new one."""
+    path = Path(path)
+    atomic_torch_save(dict(state), path)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with `weights_only=True`; a missing, corrupt or unsafe file names the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for truncated/unsafe pickles
+        raise CheckpointError(
+            f"cannot load checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+            "(the file is corrupt, truncated, or holds objects that weights_only loading refuses)"
+        ) from e
+    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+        raise CheckpointError(f"{path} is not an xmodal training checkpoint (needs 'model' and 'step' entries)")
+    return state
+
+
+def step_path(folder: Path, step: int) -> Path:
+    return folder / f"step_{step:07d}.pt"
+
+
+class CheckpointManager:
+    """Numbered checkpoints in one folder, a `latest` pointer, and pruning to the newest `keep_last`."""
+
+    def __init__(self, folder: str | os.PathLike, keep_last: int = 2):
+        self.folder = Path(folder)
+        self.keep_last = int(keep_last)
+
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoints on disk, ascending (temp files of interrupted writes are ignored)."""
+        if not self.folder.is_dir():
+            return []
+        found = (STEP_FILE.match(p.name) for p in self.folder.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, or None when there is none."""
+        steps = self.steps()
+        return step_path(self.folder, steps[-1]) if steps else None
+
+    def remove_stale_temps(self) -> None:
+        """Delete temp files left by a writer that was killed mid-write (never a complete checkpoint)."""
+        if self.folder.is_dir():
+            for p in self.folder.glob(".*.tmp"):
+                p.unlink(missing_ok=True)
+
+    def save(self, state: Mapping[str, Any], step: int) -> Path:
+        path = save_checkpoint(state, step_path(self.folder, step))
+        atomic_write_text(self.folder / "latest", path.name + "\n")
+        self.prune(keep=path)
+        return path
+
+    def prune(self, keep: Path | None = None) -> None:
+        if self.keep_last <= 0:
+            return
+        for step in self.steps()[: -self.keep_last]:
+            p = step_path(self.folder, step)
+            if p != keep:
+                p.unlink(missing_ok=True)
+
+    def resolve(self, resume: str | os.PathLike) -> Path | None:
+        """`latest` → newest checkpoint here (None if there is none yet); anything else is a path."""
+        if str(resume) == "latest":
+            return self.latest()
+        path = Path(resume)
+        if path.is_dir():
+            inner = CheckpointManager(path / "checkpoints" if (path / "checkpoints").is_dir() else path).latest()
+            if inner is None:
+                raise CheckpointError(f"resume: no step_*.pt checkpoint found in {path}")
+            return inner
+        if not path.is_file():
+            raise CheckpointError(f"resume: checkpoint {path} does not exist (use 'latest' or a step_*.pt path)")
+        return path
+
+
+# ---------------------------------------------------------------- resume compatibility
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        if not obj and prefix:
+            out[prefix[:-1]] = {}
+        return out
+    return {prefix[:-1]: obj}
+
+
+def config_differences(old: Any, new: Any, may_change: Iterable[str] = RESUME_MAY_CHANGE) -> list[str]:
+    """Lines `key: old → new` for every config value that differs and is not allowed to change on resume."""
+    a, b = _flatten(plain_config(old) or {}), _flatten(plain_config(new) or {})
+    patterns = list(may_change)
+
+    def allowed(key: str) -> bool:
+        leaf = key.rsplit(".", 1)[-1]
+        return any(fnmatch.fnmatchcase(key, p) or fnmatch.fnmatchcase(leaf, p) for p in patterns)
+
+    missing = object()
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, missing), b.get(key, missing)
+        if va == vb or allowed(key):
+            continue
+        fa = "(absent)" if va is missing else json.dumps(va)
+        fb = "(absent)" if vb is missing else json.dumps(vb)
+        lines.append(f"{key}: {fa} → {fb}")
+    return lines
+
+
+def check_resume_compatible(
+    ckpt: Mapping[str, Any],
+    path: str | os.PathLike,
+    config: Any,
+    teacher_fingerprint: str | None,
+    may_change: Iterable[str] = RESUME_MAY_CHANGE,
+) -> None:
+    """Raise CheckpointError naming what differs when a checkpoint was made by another teacher or config."""
+    old_fp = ckpt.get("teacher_fingerprint")
+    if old_fp != teacher_fingerprint:
+        raise CheckpointError(
+            f"cannot resume from {path}: it was trained with teacher fingerprint {old_fp}, but this run's "
+            f"teacher has fingerprint {teacher_fingerprint}. Use the same teacher weights and preprocessing, "
+            "or start a new run folder."
+        )
+    if config is not None and ckpt.get("config") is not None:
+        diffs = config_differences(ckpt["config"], config, may_change)
+        if diffs:
+            raise CheckpointError(
+                f"cannot resume from {path}: the config differs from the one it was trained with:\n  "
+                + "\n  ".join(diffs)
+                + "\nRestore these values, or start a new run folder to train with the new config."
+            )
