@@ -1,0 +1,1 @@
+"""CLIP compression: teacher → student distillation with inheritance, progressive stages, evaluation, demo."""

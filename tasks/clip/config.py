@@ -1,0 +1,124 @@
+"""Typed config of the `clip_distill` job (YAML → these dataclasses; see examples/clip_*.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from xmodal.config import LossSpec, TrainConfig
+from xmodal.errors import ConfigError
+
+
+@dataclass
+class ClipModelConfig:
+    """An open_clip model: a name (+ pretrained tag or file), an `hf-hub:`/`local-dir:` id or folder, or a model_cfg."""
+
+    model: str | None = None
+    pretrained: str | None = None
+    model_cfg: dict[str, Any] | None = None
+
+    def check(self, where: str) -> None:
+        if (self.model is None) == (self.model_cfg is None):
+            raise ConfigError(
+                f"{where}: give exactly one of 'model' (open_clip name or folder) or 'model_cfg' (explicit config)"
+            )
+
+
+@dataclass
+class TeacherConfig(ClipModelConfig):
+    """The teacher; with `train`, it is first trained contrastively (needed when no pretrained weights exist)."""
+
+    train: TrainConfig | None = None
+    cache: str | None = None  # a teacher-cache folder written by `xmodal cache`
+
+
+@dataclass
+class InheritConfig:
+    """Manual weight inheritance (TinyCLIP): which teacher layers and channels the student keeps."""
+
+    layers: Literal["uniform", "first"] = "uniform"
+    channels: Literal["first", "importance"] = "importance"
+
+
+@dataclass
+class StudentConfig:
+    """The student: an explicit open_clip model (`model`/`model_cfg`) or the teacher config shrunk by `shrink`."""
+
+    model: str | None = None
+    model_cfg: dict[str, Any] | None = None
+    shrink: dict[str, Any] | None = None
+    inherit: InheritConfig | None = field(default_factory=InheritConfig)
+    projection: Literal["identity", "linear", "mlp"] | None = None  # into the teacher's space; None = auto
+
+
+@dataclass
+class StageConfig:
+    """One progressive-compression stage: shrink relative to the teacher; inherits from the previous stage."""
+
+    shrink: dict[str, Any]
+    steps: int | None = None
+    lr: float | None = None
+
+
+@dataclass
+class SyntheticDataConfig:
+    """Generate the synthetic image-caption world into `data.root` when it is not there yet."""
+
+    train: int = 5000
+    val: int = 500
+    test: int = 1000
+    seed: int = 0
+    image_size: int = 64
+    captions_per_image: int = 3
+
+
+@dataclass
+class DataConfig:
+    """Image-text CSV/TSV/JSON-lines files; relative names are taken inside `root` when it is set."""
+
+    train: str = "train.csv"
+    val: str | None = "val.csv"
+    test: str | None = "test.csv"
+    zeroshot: str | None = "zeroshot.json"
+    root: str | None = None
+    synthetic: SyntheticDataConfig | None = None
+    on_error: Literal["skip", "raise"] = "skip"
+    caption_sampling: Literal["first", "random", "all"] = "random"
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation during and after training: retrieval on `split`, zero-shot when the data has a task."""
+
+    split: Literal["val", "test"] = "val"
+    batch_size: int = 256
+    zeroshot: bool = True
+
+
+@dataclass
+class ClipDistillConfig:
+    """Compress a CLIP teacher into a student: optional teacher training, stages, losses, evaluation."""
+
+    run_dir: str
+    teacher: TeacherConfig
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    losses: list[LossSpec] = field(default_factory=lambda: [LossSpec("affinity")])
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    resume: str | None = None
+
+    def __post_init__(self) -> None:
+        self.teacher.check("teacher")
+        if self.teacher.cache and self.data.caption_sampling == "random":
+            raise ConfigError(
+                "teacher.cache: cached teacher outputs are stored per sample id, so each id must always show the "
+                "same caption; set data.caption_sampling to 'all' (every caption, one sample each) or 'first'"
+            )
+        s = self.student
+        given = sum(x is not None for x in (s.model, s.model_cfg, s.shrink))
+        if self.stages and given:
+            raise ConfigError("student: with 'stages', each stage's 'shrink' describes the student; drop student.*")
+        if not self.stages and given != 1:
+            raise ConfigError("student: give exactly one of 'model', 'model_cfg' or 'shrink' (or use 'stages')")

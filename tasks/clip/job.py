@@ -1,0 +1,340 @@
+"""The `clip_distill` job: (train the teacher,) build students by shrinking + inheritance, distil stage by stage.
+
+Run folder: `config.yaml`, `metrics.jsonl`, `checkpoints/`, `student_open_clip.json` (for `xmodal export`),
+`results.json`; a trained teacher lives in `teacher/<settings hash>/open_clip` and is reused when unchanged;
+earlier progressive stages live in `stages/<k>/`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from xmodal.config import LossSpec, TrainConfig, register_job, to_dict
+from xmodal.device import resolve_device, seed_everything
+from xmodal.engine.cache import CacheSource, register_cache_source
+from xmodal.errors import ConfigError
+from xmodal.fingerprint import hash_json
+from xmodal.io import atomic_write_json
+from xmodal.tasks.clip.config import ClipDistillConfig, DataConfig, TeacherConfig
+from xmodal.tasks.clip.models import ClipStudent, ClipTeacher, PairedViews, View, collate_skipping, same_pipeline
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class DataPaths:
+    train: Path
+    val: Path | None
+    test: Path | None
+    zeroshot: Path | None
+
+
+def resolve_data(cfg: DataConfig) -> DataPaths:
+    """Absolute data paths; generates the synthetic world into `root` first when configured and missing."""
+    root = Path(cfg.root) if cfg.root else None
+    if cfg.synthetic is not None:
+        if root is None:
+            raise ConfigError("data.synthetic needs data.root: the folder to generate the synthetic world into")
+        from xmodal.data.scenes import generate_scene_dataset
+
+        s = cfg.synthetic
+        generate_scene_dataset(root, s.train, s.val, s.test, seed=s.seed, image_size=s.image_size,
+                               captions_per_image=s.captions_per_image)
+
+    def path(name: str | None) -> Path | None:
+        if name is None:
+            return None
+        p = Path(name)
+        return p if p.is_absolute() or root is None else root / p
+
+    paths = DataPaths(path(cfg.train), path(cfg.val), path(cfg.test), path(cfg.zeroshot))
+    if not paths.train.is_file():
+        raise ConfigError(f"data.train: {paths.train} does not exist (set data.root or give a CSV/JSON-lines path)")
+    if paths.zeroshot is not None and not paths.zeroshot.is_file():
+        paths.zeroshot = None
+    return paths
+
+
+def paired_dataset(path: Path, views: list[View], cfg: DataConfig) -> PairedViews:
+    from xmodal.data.image_text import ImageTextDataset
+
+    base = ImageTextDataset(path, transform=None, tokenizer=None, on_error=cfg.on_error,
+                            caption_sampling=cfg.caption_sampling)
+    return PairedViews(base, views)
+
+
+# ---------------------------------------------------------------- models
+
+
+@dataclass
+class ClipModel:
+    """An open_clip model with its config, pipelines and tokenizer."""
+
+    model: nn.Module
+    model_cfg: dict
+    preprocess_cfg: dict
+    train_transform: Any
+    eval_transform: Any
+    tokenizer: Any
+
+    def loaded(self, name: str = "student"):
+        """As `LoadedCLIP`, for the evaluators."""
+        from xmodal.fingerprint import model_fingerprint
+        from xmodal.teachers.clip import LoadedCLIP
+
+        return LoadedCLIP(self.model, self.eval_transform, self.train_transform, self.tokenizer, name, None,
+                          model_fingerprint(self.model, self.preprocess_cfg))
+
+
+def wrap_open_clip(model: nn.Module, model_cfg: dict) -> ClipModel:
+    """Pipelines and tokenizer for a model built from a model_cfg (its own image size and context length)."""
+    import open_clip
+
+    from xmodal.students.clip import student_transforms
+
+    train_tf, eval_tf = student_transforms(model)
+    ctx = model_cfg.get("text_cfg", {}).get("context_length", 77)
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=ctx)
+    return ClipModel(model, model_cfg, dict(open_clip.get_model_preprocess_cfg(model)), train_tf, eval_tf, tokenizer)
+
+
+def load_clip(spec, device: torch.device) -> ClipModel:
+    """An open_clip model from a name/folder (+ pretrained) or a model_cfg (randomly initialised)."""
+    from xmodal.students.clip import create_student, model_cfg_of
+
+    if spec.model_cfg is not None:
+        model_cfg = copy.deepcopy(spec.model_cfg)
+        return wrap_open_clip(create_student(model_cfg, device=device), model_cfg)
+    from xmodal.teachers.clip import load_open_clip
+
+    loaded = load_open_clip(spec.model, spec.pretrained, device=str(device), frozen=False)
+    import open_clip
+
+    return ClipModel(loaded.model, model_cfg_of(spec.model, spec.pretrained),
+                     dict(open_clip.get_model_preprocess_cfg(loaded.model)), loaded.preprocess_train,
+                     loaded.preprocess, loaded.tokenizer)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def make_evaluator(clip_model: ClipModel, paths: DataPaths, split: str, batch_size: int, zeroshot: bool,
+                   device: torch.device):
+    """student → metrics: retrieval on the split (both directions) and zero-shot top-1/top-5 when available."""
+    data = paths.val if split == "val" else paths.test
+    if data is None or not data.is_file():
+        return None
+
+    def evaluate(_student: nn.Module | None = None) -> dict[str, float]:
+        return evaluate_clip(clip_model, data, paths.zeroshot if zeroshot else None, batch_size, device)
+
+    return evaluate
+
+
+def evaluate_clip(clip_model: ClipModel, data: Path, zeroshot: Path | None, batch_size: int,
+                  device: torch.device) -> dict[str, float]:
+    from xmodal.tasks.retrieval.encode import encode_image_text
+    from xmodal.tasks.retrieval.evaluate import evaluate_retrieval
+
+    model = clip_model.model
+    was_training = model.training
+    model.eval()
+    try:
+        emb = encode_image_text(clip_model.loaded(), data, cache_dir=None, batch_size=batch_size, device=device,
+                                progress=False)
+        metrics = evaluate_retrieval(emb.image, emb.text, emb.text_to_image, ks=(1, 5, 10))
+        if zeroshot is not None:
+            from xmodal.tasks.zeroshot import read_zeroshot_file, run_zeroshot
+
+            zs = run_zeroshot(model, clip_model.eval_transform, clip_model.tokenizer, read_zeroshot_file(zeroshot),
+                              device=device, batch_size=batch_size)
+            metrics.update({f"zeroshot_{k}": v for k, v in zs.items() if k in ("top1", "top5")})
+    finally:
+        model.train(was_training)
+    return metrics
+
+
+@torch.no_grad()
+def image_throughput(model: nn.Module, image_size: int, device: torch.device, batch: int = 64, reps: int = 3) -> float:
+    """Images per second through the image tower (eval mode, one batch size), for comparison tables."""
+    model.eval()
+    x = torch.randn(batch, 3, image_size, image_size, device=device)
+    model.encode_image(x)
+    start = time.perf_counter()
+    for _ in range(reps):
+        model.encode_image(x)
+    return batch * reps / (time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------- training pieces
+
+
+def train_clip(clip_model: ClipModel, paths: DataPaths, data_cfg: DataConfig, train: TrainConfig, run_dir: Path,
+               *, losses: list[LossSpec], teacher: ClipModel | None = None, evaluator=None, config: Any = None,
+               resume: str | None = None, projection: str | None = None, device: torch.device,
+               teacher_cache: str | None = None) -> dict:
+    """One engine run: `clip_model` learns from `teacher` (or from the captions alone when teacher is None).
+
+    With `teacher_cache` (a folder from `xmodal cache`), the teacher's outputs are read instead of computed.
+    """
+    from xmodal.engine import Distiller
+    from xmodal.losses import build_losses
+
+    views = [View(clip_model.train_transform, clip_model.tokenizer)]
+    teacher_fn = None
+    fingerprint = None
+    if teacher is not None:
+        t_view = View(teacher.eval_transform, teacher.tokenizer)
+        if not same_pipeline(t_view.transform, views[0].transform):
+            t_view.image_key = "teacher_image"
+        if not same_pipeline(t_view.tokenizer, views[0].tokenizer):
+            t_view.text_key = "teacher_text"
+        if (t_view.image_key, t_view.text_key) != ("image", "text"):
+            views.append(t_view)
+        teacher_fn = ClipTeacher(teacher.model, t_view.image_key, t_view.text_key, extra=teacher.preprocess_cfg)
+        fingerprint = teacher_fn.fingerprint
+        dim = teacher_fn.dim
+    else:
+        from xmodal.adapters import clip_embed_dim
+
+        dim = clip_embed_dim(clip_model.model)
+    student = ClipStudent(clip_model.model, dim, projection).to(device)
+    dataset = paired_dataset(paths.train, views, data_cfg)
+    if teacher_cache is not None:
+        views = views[:1]  # the cache replaces the teacher's inputs
+        dataset = paired_dataset(paths.train, views, data_cfg)
+    distiller = Distiller(student, build_losses(losses), dataset, train, run_dir,
+                          teacher=teacher_cache if teacher_cache is not None else teacher_fn,
+                          evaluator=evaluator, config=config, teacher_fingerprint=fingerprint, resume=resume,
+                          collate_fn=collate_skipping)
+    result = distiller.fit()
+    from xmodal.students.export import write_student_config
+
+    write_student_config(run_dir, clip_model.model_cfg, clip_model.preprocess_cfg)
+    return result
+
+
+def obtain_teacher(cfg: TeacherConfig, paths: DataPaths, data_cfg: DataConfig, run_dir: Path,
+                   device: torch.device) -> ClipModel:
+    """Load the teacher; with `teacher.train`, train it first, or reuse the one trained with the same settings."""
+    if cfg.train is None:
+        teacher = load_clip(cfg, device)
+        if cfg.model_cfg is not None:
+            log.warning("teacher: built from model_cfg with random weights and no teacher.train; "
+                        "it will teach noise. Give pretrained weights or a teacher.train block")
+        return teacher
+    key = hash_json({"teacher": to_dict(cfg), "data": str(paths.train), "size": paths.train.stat().st_size})
+    folder = run_dir / "teacher" / key  # one folder per settings: a changed teacher never meets old checkpoints
+    export_dir = folder / "open_clip"
+    if (export_dir / "open_clip_config.json").is_file():
+        log.info("teacher: reusing the teacher trained earlier in %s", export_dir)
+        from xmodal.tasks.clip.config import ClipModelConfig
+
+        return load_clip(ClipModelConfig(model=str(export_dir)), device)
+    from xmodal.students.export import export_open_clip
+
+    teacher = load_clip(cfg, device)
+    log.info("teacher: training %s params contrastively for %d steps", f"{count_parameters(teacher.model):,}",
+             cfg.train.steps)
+    train_clip(teacher, paths, data_cfg, cfg.train, folder, losses=[LossSpec("clip")], device=device,
+               config={"teacher": to_dict(cfg)}, resume="latest")  # an interrupted teacher run continues
+    export_open_clip(teacher.model, teacher.model_cfg, export_dir, teacher.preprocess_cfg, overwrite=True)
+    return teacher
+
+
+def build_student(teacher: ClipModel, model_cfg: dict, inherit, device: torch.device,
+                  source: ClipModel | None = None) -> tuple[ClipModel, dict | None]:
+    """A student from `model_cfg`, inheriting weights from `source` (the teacher or the previous stage)."""
+    from xmodal.students.clip import create_student
+    from xmodal.students.inheritance import inherit_weights
+
+    model = create_student(model_cfg, {k: v for k, v in teacher.preprocess_cfg.items() if k != "size"},
+                           device=device)
+    report = None
+    if inherit is not None:
+        report = inherit_weights((source or teacher).model, model, layers=inherit.layers, channels=inherit.channels)
+    return wrap_open_clip(model, model_cfg), report
+
+
+def stage_plan(cfg: ClipDistillConfig, teacher: ClipModel) -> list[tuple[dict, TrainConfig]]:
+    """(model_cfg, train config) for each stage; a single stage when `stages` is empty."""
+    from xmodal.students.clip import model_cfg_of, progressive_model_cfgs, shrink_model_cfg
+
+    if not cfg.stages:
+        s = cfg.student
+        if s.model_cfg is not None:
+            mcfg = copy.deepcopy(s.model_cfg)
+        elif s.model is not None:
+            mcfg = model_cfg_of(s.model)
+        else:
+            mcfg = shrink_model_cfg(teacher.model_cfg, s.shrink)
+        return [(mcfg, cfg.train)]
+    cfgs = progressive_model_cfgs(teacher.model_cfg, [st.shrink for st in cfg.stages])
+    plan = []
+    for st, mcfg in zip(cfg.stages, cfgs):
+        train = copy.deepcopy(cfg.train)
+        if st.steps is not None:
+            train.steps = st.steps
+        if st.lr is not None:
+            train.lr = st.lr
+        plan.append((mcfg, train))
+    return plan
+
+
+@register_job("clip_distill", ClipDistillConfig, help="compress a CLIP teacher into a smaller student")
+def run(cfg: ClipDistillConfig) -> dict:
+    from xmodal.students.clip import describe_model_cfg
+
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    run_dir = Path(cfg.run_dir)
+    paths = resolve_data(cfg.data)
+    teacher = obtain_teacher(cfg.teacher, paths, cfg.data, run_dir, device)
+    teacher.model.eval().requires_grad_(False)
+    plan = stage_plan(cfg, teacher)
+    previous: ClipModel | None = None
+    results: dict[str, Any] = {"teacher": {"params": count_parameters(teacher.model),
+                                           "arch": describe_model_cfg(teacher.model_cfg)}}
+    for k, (model_cfg, train) in enumerate(plan):
+        last = k == len(plan) - 1
+        stage_dir = run_dir if last else run_dir / "stages" / str(k)
+        student, report = build_student(teacher, model_cfg, cfg.student.inherit, device, previous)
+        log.info("stage %d/%d: student %s, %s params%s", k + 1, len(plan), describe_model_cfg(model_cfg),
+                 f"{count_parameters(student.model):,}", " (inherited)" if report else " (random init)")
+        evaluator = make_evaluator(student, paths, cfg.eval.split, cfg.eval.batch_size, cfg.eval.zeroshot, device)
+        out = train_clip(student, paths, cfg.data, train, stage_dir, losses=cfg.losses, teacher=teacher,
+                         evaluator=evaluator, config=cfg, resume=cfg.resume if last else None,
+                         projection=cfg.student.projection, device=device, teacher_cache=cfg.teacher.cache)
+        results[f"stage{k}"] = {"arch": describe_model_cfg(model_cfg), "params": count_parameters(student.model),
+                                **{key: v for key, v in out.items() if isinstance(v, (int, float, str))}}
+        student.model.requires_grad_(False)
+        previous = student
+    atomic_write_json(run_dir / "results.json", results)
+    return results
+
+
+@register_cache_source("clip_distill")
+def cache_source(cfg: ClipDistillConfig) -> CacheSource:
+    """`xmodal cache CONFIG`: the teacher's image and caption embeddings for every training sample."""
+    device = resolve_device(cfg.train.device)
+    paths = resolve_data(cfg.data)
+    teacher = obtain_teacher(cfg.teacher, paths, cfg.data, Path(cfg.run_dir), device)
+    fn = ClipTeacher(teacher.model, extra=teacher.preprocess_cfg)
+    dataset = paired_dataset(paths.train, [View(teacher.eval_transform, teacher.tokenizer)], cfg.data)
+    return CacheSource(fn, dataset, fn.fingerprint, collate_fn=collate_skipping, batch_size=cfg.train.batch_size,
+                       out_dir=cfg.teacher.cache, meta={"data": str(paths.train)})

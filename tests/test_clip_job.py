@@ -1,0 +1,133 @@
+"""The clip_distill job end to end on a tiny synthetic world, progressive stages, and a miniature demo."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from xmodal.config import load_job_config
+from xmodal.errors import ConfigError
+
+TINY_TEACHER = """
+teacher:
+  model_cfg:
+    embed_dim: 32
+    vision_cfg: {image_size: 32, patch_size: 8, layers: 2, width: 64, head_width: 16}
+    text_cfg: {context_length: 32, vocab_size: 49408, width: 64, heads: 4, layers: 2}
+  train: {steps: 3, batch_size: 16, warmup_steps: 1, log_every: 1}
+"""
+
+
+def write_config(tmp_path: Path, body: str) -> Path:
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(
+        f"job: clip_distill\nrun_dir: {tmp_path / 'run'}\n"
+        f"data:\n  root: {tmp_path / 'data'}\n  synthetic: {{train: 48, val: 16, test: 16, image_size: 32}}\n"
+        + TINY_TEACHER + body
+    )
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    from xmodal.config import JOBS
+
+    tmp = tmp_path_factory.mktemp("clipjob")
+    cfg_path = write_config(tmp, """
+student:
+  shrink: {vision: {layers: 1, width: 0.5}, text: {layers: 1, width: 0.5}}
+losses: [{name: affinity}, {name: fd, weight: 0.5}]
+train: {steps: 4, batch_size: 16, warmup_steps: 1, log_every: 2, eval_every: 2}
+""")
+    name, cfg = load_job_config(cfg_path)
+    results = JOBS.get(name).run(cfg)
+    return tmp / "run", results
+
+
+def test_run_writes_checkpoint_metrics_and_student_config(finished_run):
+    run, results = finished_run
+    assert (run / "student_open_clip.json").is_file() and (run / "results.json").is_file()
+    assert len(list((run / "teacher").glob("*/open_clip/open_clip_config.json"))) == 1
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss/affinity" in r for r in records) and any("loss/fd" in r for r in records)
+    assert any("eval/text_to_image_R@1" in r for r in records)
+    assert results["stage0"]["params"] < results["teacher"]["params"]
+
+
+def test_export_loads_in_open_clip_with_same_embeddings(finished_run, tmp_path):
+    import open_clip
+
+    from xmodal.cli import main
+
+    run, _ = finished_run
+    out = tmp_path / "exported"
+    assert main(["export", str(run), "--format", "open_clip", "--out", str(out)]) == 0
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    state = torch.load(sorted((run / "checkpoints").glob("step_*.pt"))[-1], weights_only=True)["model"]
+    clip_state = {k[len("clip."):]: v for k, v in state.items() if k.startswith("clip.")}
+    ref = open_clip.create_model_and_transforms(f"local-dir:{out}")[0]
+    ref.load_state_dict(clip_state)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(model.eval().encode_image(x), ref.eval().encode_image(x), atol=1e-6)
+
+
+def test_teacher_is_reused_when_settings_are_unchanged(finished_run, caplog):
+    from xmodal.config import JOBS
+
+    run, _ = finished_run
+    cfg_path = run.parent / "job.yaml"
+    name, cfg = load_job_config(cfg_path, ["train.steps=1", f"run_dir={run.parent / 'run2'}"])
+    (run.parent / "run2").mkdir(exist_ok=True)
+    import shutil
+
+    shutil.copytree(run / "teacher", run.parent / "run2" / "teacher")
+    with caplog.at_level("INFO", logger="xmodal"):
+        JOBS.get(name).run(cfg)
+    assert "reusing the teacher trained earlier" in caplog.text
+
+
+def test_progressive_stages_inherit_from_previous_stage(tmp_path):
+    from xmodal.config import JOBS
+
+    cfg_path = write_config(tmp_path, """
+stages:
+  - {shrink: {vision: {width: 0.75}, text: {width: 0.75}}, steps: 2}
+  - {shrink: {vision: {layers: 1, width: 0.5}, text: {layers: 1, width: 0.5}}, steps: 2}
+train: {steps: 2, batch_size: 16, warmup_steps: 1, log_every: 1}
+eval: {zeroshot: false}
+""")
+    name, cfg = load_job_config(cfg_path)
+    results = JOBS.get(name).run(cfg)
+    assert results["stage0"]["params"] > results["stage1"]["params"]
+    assert (tmp_path / "run" / "stages" / "0" / "checkpoints").is_dir()
+    assert (tmp_path / "run" / "checkpoints").is_dir()  # the last stage is the run itself (exportable)
+
+
+def test_config_errors(tmp_path):
+    cfg_path = write_config(tmp_path, "student: {shrink: {vision: {width: 0.5}}, model: ViT-B-32}\n")
+    with pytest.raises(ConfigError, match="exactly one of 'model', 'model_cfg' or 'shrink'"):
+        load_job_config(cfg_path)
+    cfg_path = write_config(tmp_path, "student: {shrink: {vision: {width: 0.5}}}\nlosses: [{name: afinity}]\n")
+    name, cfg = load_job_config(cfg_path)
+    from xmodal.losses import build_losses
+
+    with pytest.raises(ConfigError, match="did you mean 'affinity'"):
+        build_losses(cfg.losses)
+
+
+def test_demo_runs_and_prints_a_table(tmp_path, capsys):
+    from xmodal.cli import main
+
+    teacher = ("teacher_cfg={embed_dim: 32, vision_cfg: {image_size: 32, patch_size: 8, layers: 2, width: 64, "
+               "head_width: 16}, text_cfg: {context_length: 32, vocab_size: 49408, width: 64, heads: 4, layers: 2}}")
+    args = ["demo", "--out", str(tmp_path / "demo"), "--set", teacher]
+    for s in ("data_train=48", "data_val=16", "data_test=24", "teacher_train.steps=2", "teacher_train.batch_size=16",
+              "student_train.steps=2", "student_train.batch_size=16", "student_train.eval_every=1"):
+        args += ["--set", s]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| teacher |" in out and "| distilled |" in out and "| scratch |" in out
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert results["rows"]["distilled"]["params"] == results["rows"]["scratch"]["params"]
+    assert (tmp_path / "demo" / "curves.png").stat().st_size > 1000
