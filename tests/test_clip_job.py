@@ -131,3 +131,29 @@ def test_demo_runs_and_prints_a_table(tmp_path, capsys):
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert results["rows"]["distilled"]["params"] == results["rows"]["scratch"]["params"]
     assert (tmp_path / "demo" / "curves.png").stat().st_size > 1000
+
+
+def test_cached_teacher_path(tmp_path):
+    """`xmodal cache` stores the teacher's outputs; distillation then reads them instead of running the teacher."""
+    from xmodal.cli import main
+    from xmodal.config import JOBS
+
+    cache = tmp_path / "teacher_cache"
+    cfg_path = write_config(tmp_path, f"""
+student:
+  shrink: {{vision: {{layers: 1, width: 0.5}}, text: {{layers: 1, width: 0.5}}}}
+train: {{steps: 2, batch_size: 16, warmup_steps: 1, log_every: 1}}
+eval: {{zeroshot: false}}
+""")
+    text = cfg_path.read_text().replace("data:\n", "data:\n  caption_sampling: first\n")
+    text = text.replace("teacher:\n", f"teacher:\n  cache: {cache}\n")
+    cfg_path.write_text(text)
+    assert main(["cache", str(cfg_path)]) == 0
+    assert (cache / "manifest.json").is_file()
+    name, cfg = load_job_config(cfg_path)
+    results = JOBS.get(name).run(cfg)
+    assert results["stage0"]["step"] == 2
+    bad = cfg_path.read_text().replace("caption_sampling: first", "caption_sampling: random")
+    cfg_path.write_text(bad)
+    with pytest.raises(ConfigError, match="set data.caption_sampling to 'all'"):
+        load_job_config(cfg_path)

@@ -241,11 +241,12 @@ def obtain_teacher(cfg: TeacherConfig, paths: DataPaths, data_cfg: DataConfig, r
     key = hash_json({"teacher": to_dict(cfg), "data": str(paths.train), "size": paths.train.stat().st_size})
     folder = run_dir / "teacher" / key  # one folder per settings: a changed teacher never meets old checkpoints
     export_dir = folder / "open_clip"
+    from xmodal.tasks.clip.config import ClipModelConfig
+
+    exported = ClipModelConfig(model=str(export_dir))
     if (export_dir / "open_clip_config.json").is_file():
         log.info("teacher: reusing the teacher trained earlier in %s", export_dir)
-        from xmodal.tasks.clip.config import ClipModelConfig
-
-        return load_clip(ClipModelConfig(model=str(export_dir)), device)
+        return load_clip(exported, device)
     from xmodal.students.export import export_open_clip
 
     teacher = load_clip(cfg, device)
@@ -254,7 +255,7 @@ def obtain_teacher(cfg: TeacherConfig, paths: DataPaths, data_cfg: DataConfig, r
     train_clip(teacher, paths, data_cfg, cfg.train, folder, losses=[LossSpec("clip")], device=device,
                config={"teacher": to_dict(cfg)}, resume="latest")  # an interrupted teacher run continues
     export_open_clip(teacher.model, teacher.model_cfg, export_dir, teacher.preprocess_cfg, overwrite=True)
-    return teacher
+    return load_clip(exported, device)  # the exported form, so a fresh and a reused teacher are the same teacher
 
 
 def build_student(teacher: ClipModel, model_cfg: dict, inherit, device: torch.device,
