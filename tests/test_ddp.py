@@ -7,8 +7,8 @@ import json
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _pairs import PairData
 from torch import nn
-from torch.utils.data import Dataset
 
 from xmodal.config import TrainConfig
 from xmodal.engine import Distiller, Objective, compute_loss, wrap_ddp
@@ -18,18 +18,6 @@ from xmodal.losses import build_losses
 WORLD = 2
 GLOBAL_BATCH = 8
 LOSSES = [{"name": "affinity", "params": {"learn_scale": True}}, {"name": "clip", "weight": 0.5}]
-
-
-class PairData(Dataset):
-    def __init__(self, n: int = 24):
-        g = torch.Generator().manual_seed(0)
-        self.image, self.text = torch.randn(n, 12, generator=g), torch.randn(n, 10, generator=g)
-
-    def __len__(self):
-        return len(self.image)
-
-    def __getitem__(self, i):
-        return {"id": f"p{i}", "image": self.image[i], "text": self.text[i]}
 
 
 class TwoTower(nn.Module):

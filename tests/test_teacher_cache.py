@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from _pairs import PairData
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -220,18 +221,6 @@ def test_duplicate_ids_are_refused(tmp_path):
 # ---------------------------------------------------------------- the distiller reads the cache
 
 
-class PairData(Dataset):
-    def __init__(self, n: int = 32):
-        g = torch.Generator().manual_seed(0)
-        self.image, self.text = torch.randn(n, 12, generator=g), torch.randn(n, 10, generator=g)
-
-    def __len__(self):
-        return len(self.image)
-
-    def __getitem__(self, i):
-        return {"id": f"p{i}", "image": self.image[i], "text": self.text[i]}
-
-
 class TwoTower(nn.Module):
     def __init__(self, width: int, seed: int):
         super().__init__()
@@ -244,14 +233,14 @@ class TwoTower(nn.Module):
 
 def test_distiller_with_cache_matches_online_teacher(tmp_path):
     teacher = TwoTower(24, seed=1).eval()
-    cache = build_cache(teacher, PairData(), tmp_path / "cache", FP, batch_size=5, shard_size=10, dtype="float32",
+    cache = build_cache(teacher, PairData(32), tmp_path / "cache", FP, batch_size=5, shard_size=10, dtype="float32",
                         progress=False)
     cfg = TrainConfig(steps=4, batch_size=8, lr=1e-2, warmup_steps=1, device="cpu", log_every=2)
     losses = [{"name": "affinity"}, {"name": "feature_cosine"}]
 
     def run(folder, t):
         student = TwoTower(24, seed=2)
-        Distiller(student, build_losses(losses), PairData(), cfg, folder, teacher=t, teacher_fingerprint=FP,
+        Distiller(student, build_losses(losses), PairData(32), cfg, folder, teacher=t, teacher_fingerprint=FP,
                   progress=False).fit()
         return student.state_dict()
 
@@ -259,7 +248,7 @@ def test_distiller_with_cache_matches_online_teacher(tmp_path):
     for k in online:
         torch.testing.assert_close(cached[k], online[k], rtol=1e-5, atol=1e-6)
     with pytest.raises(CheckpointError, match="teacher-fp-2"):
-        Distiller(TwoTower(24, 2), build_losses(losses), PairData(), cfg, tmp_path / "x", teacher=cache,
+        Distiller(TwoTower(24, 2), build_losses(losses), PairData(32), cfg, tmp_path / "x", teacher=cache,
                   teacher_fingerprint="teacher-fp-2")
 
 
