@@ -132,3 +132,15 @@ def test_cli_config_show(tmp_path, toy_job, capsys):
     f.write_text(f"job: {toy_job}\nmodel: {{name: m, layrs: 3}}\n")
     assert main(["config", "show", str(f)]) == 2
     assert "unknown key 'model.layrs' (did you mean 'layers'?)" in capsys.readouterr().err
+
+
+def test_fixed_length_tuples():
+    @dataclass
+    class Blocks:
+        sizes: tuple[int, int, float] = (1, 2, 0.5)
+
+    assert from_dict(Blocks, {"sizes": [3, 4, 1]}).sizes == (3, 4, 1.0)
+    with pytest.raises(ConfigError, match=r"key 'sizes\[1\]': expected int, got str"):
+        from_dict(Blocks, {"sizes": [3, "x", 1]})
+    with pytest.raises(ConfigError, match="needs exactly 3 items"):
+        from_dict(Blocks, {"sizes": [3, 4]})
