@@ -2,9 +2,14 @@
 
 from xmodal.adapters.base import ADAPTERS, MODALITIES, ModalityAdapter, project_features
 from xmodal.adapters.clip import ImageAdapter, TextAdapter, clip_embed_dim
+from xmodal.adapters.speech import AudioAdapter, AudioContextAdapter, VideoAdapter, VideoContextAdapter
 
 __all__ = [
     "ADAPTERS",
+    "AudioAdapter",
+    "AudioContextAdapter",
+    "VideoAdapter",
+    "VideoContextAdapter",
     "MODALITIES",
     "ImageAdapter",
     "ModalityAdapter",

@@ -1,0 +1,93 @@
+"""Typed config of the `lipread_distill` job (YAML → these dataclasses; see examples/lipread_from_speech.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from xmodal.config import LossSpec, TrainConfig
+from xmodal.data.av import AudioConfig, VideoConfig
+from xmodal.errors import ConfigError
+from xmodal.students.lipreader import LipReaderConfig
+from xmodal.teachers.speech import SpeechRecognizerConfig
+
+
+@dataclass
+class SyntheticGridConfig:
+    """Generate the synthetic GRID-like corpus into `data.root` when it is not there yet."""
+
+    speakers: int = 6
+    utterances: int = 20  # per speaker
+    seed: int = 0
+    roi_size: int = 64
+    fps: float = 25.0
+    sample_rate: int = 16000
+
+
+@dataclass
+class LipreadDataConfig:
+    """JSON-lines audio-visual manifests; relative names are taken inside `root` when it is set."""
+
+    root: str | None = None
+    train: str = "train.jsonl"
+    val: str | None = "val.jsonl"
+    test: str | None = "test.jsonl"
+    synthetic: SyntheticGridConfig | None = None
+    video: VideoConfig = field(default_factory=VideoConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    vocab: str = " '" + "abcdefghijklmnopqrstuvwxyz"  # characters after <blank> and <sos/eos>
+
+
+def _default_teacher_losses() -> list[LossSpec]:
+    return [LossSpec("ctc", 0.3, {"modality": "audio"}), LossSpec("attention_ce", 0.7, {"key": "audio_context"})]
+
+
+@dataclass
+class SpeechTeacherConfig:
+    """The speech teacher: a trained recogniser file (`path`), or a `model` trained here on the training audio
+    first (with `train` and `losses`; reused from `run_dir/teacher` while its config is unchanged)."""
+
+    path: str | None = None
+    model: SpeechRecognizerConfig | None = None
+    train: TrainConfig | None = None
+    losses: list[LossSpec] = field(default_factory=_default_teacher_losses)
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.model is None):
+            raise ConfigError("teacher: give exactly one of 'path' (a trained recogniser file) or 'model' "
+                              "(a recogniser config to train on the training audio first)")
+        if self.model is not None and self.train is None:
+            raise ConfigError("teacher: 'model' needs a 'train' block (steps, batch_size, lr, ...) to train it")
+
+
+@dataclass
+class LipreadEvalConfig:
+    """Decoding for validation during training and for the final test scores."""
+
+    decoder: str = "greedy"  # greedy | beam | joint
+    beam_size: int = 10
+    ctc_weight: float = 0.3  # joint decoding: weight of the CTC prefix score
+    batch_size: int = 8
+    max_batches: int | None = None
+
+
+def _default_losses() -> list[LossSpec]:
+    return [
+        LossSpec("ctc", 0.3),
+        LossSpec("attention_ce", 0.7),
+        LossSpec("libs", 1.0, {"aligner": "attention"}),
+    ]
+
+
+@dataclass
+class LipreadDistillConfig:
+    """Train a lip reader on video from a frozen speech teacher (LIBS / CTC distillation) and/or transcripts."""
+
+    run_dir: str
+    data: LipreadDataConfig = field(default_factory=LipreadDataConfig)
+    teacher: SpeechTeacherConfig | None = None  # None: supervised baseline, no distillation
+    student: LipReaderConfig = field(default_factory=LipReaderConfig)
+    projection: str = "linear"  # student states → teacher width (identity when equal and chosen)
+    losses: list[LossSpec] = field(default_factory=_default_losses)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: LipreadEvalConfig = field(default_factory=LipreadEvalConfig)
+    resume: str | None = None

@@ -1,0 +1,265 @@
+"""The `lipread_distill` job: (train the speech teacher,) then train a lip reader from it and score CER/WER.
+
+Run folder: `config.yaml`, `metrics.jsonl`, `checkpoints/` (engine), `lipreader.pt` (the student as a model
+file for `xmodal eval lipread`), `results.json` (teacher and student test scores); a teacher trained here
+lives in `teacher/` (its own run folder plus `speech_recognizer.pt`) and is reused while its config, audio
+settings and training manifest are unchanged.
+
+The teacher's states and decoder contexts define the alignment space (its width); the student's are
+projected into it (`projection`), which is LIBS's P(·). Losses come from the registry: typically `ctc` +
+`attention_ce` (hybrid supervised) and `libs` / `ctc_kd` (distillation).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from xmodal.adapters import ADAPTERS
+from xmodal.alignment import AlignmentSpace
+from xmodal.config import LossSpec, register_job, to_dict
+from xmodal.data.vocab import CharVocab
+from xmodal.device import resolve_device, seed_everything
+from xmodal.errors import ConfigError
+from xmodal.features import Features
+from xmodal.fingerprint import hash_json, model_fingerprint
+from xmodal.io import atomic_write_json
+from xmodal.tasks.lipread.config import LipreadDataConfig, LipreadDistillConfig, SpeechTeacherConfig
+from xmodal.tasks.lipread.evaluate import evaluate_lipreading
+from xmodal.tasks.lipread.modules import SequenceRecognizer, load_recognizer, save_recognizer
+
+log = logging.getLogger(__name__)
+
+MODEL_PREFIX = "model."  # state-dict prefix of the recogniser inside RecognizerModule checkpoints
+CONTEXT_LOSSES = {"attention_ce": (True, False), "libs_context": (True, True)}
+
+
+class RecognizerModule(nn.Module):
+    """A recogniser with its adapters and projections: batch → {modality: Features, modality_context: Features}.
+
+    The recogniser is `self.model` and the projections live in `self.space`; the adapters are views over
+    them and not submodules, so the state dict holds each weight once (`model.*`, `space.projections.*`).
+    """
+
+    def __init__(self, model: SequenceRecognizer, modality: str, *, dim: int | None = None,
+                 projection: str = "linear", context: bool = True, frozen: bool = False):
+        super().__init__()
+        self.model = model
+        self.space = AlignmentSpace(dim or model.width)
+        role = "teacher" if frozen else "student"
+        kind = "identity" if frozen else projection  # a frozen teacher defines the space: its width, no projection
+        main = self.space.attach(role, ADAPTERS.build(modality, encoder=model, frozen=frozen), kind=kind)
+        adapters = [main]
+        if context:
+            adapters.append(self.space.attach(role, ADAPTERS.build(f"{modality}_context", source=main), kind=kind))
+        self._adapters = tuple(adapters)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, Features]:
+        return {a.modality: a(batch) for a in self._adapters}
+
+
+def uses_context(losses: Sequence[LossSpec]) -> tuple[bool, bool]:
+    """(student, teacher) need decoder-context Features for these losses."""
+    student = teacher = False
+    for spec in losses:
+        if spec.weight == 0:
+            continue
+        s, t = CONTEXT_LOSSES.get(spec.name, (False, False))
+        if spec.name == "libs" and spec.params.get("context_weight", 1.0) != 0:
+            s = t = True
+        student, teacher = student or s, teacher or t
+    return student, teacher
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class Manifests:
+    train: Path
+    val: Path | None
+    test: Path | None
+
+
+def resolve_manifests(cfg: LipreadDataConfig) -> Manifests:
+    """Absolute manifest paths; writes the synthetic GRID corpus into `root` first when configured."""
+    root = Path(cfg.root) if cfg.root else None
+    if cfg.synthetic is not None:
+        if root is None:
+            raise ConfigError("data.synthetic needs data.root: the folder to write the synthetic corpus into")
+        from xmodal.data.grid import synthesize_grid
+
+        s = cfg.synthetic
+        synthesize_grid(root, speakers=s.speakers, utterances=s.utterances, seed=s.seed, roi_size=s.roi_size,
+                        fps=s.fps, sample_rate=s.sample_rate)
+
+    def path(name: str | None) -> Path | None:
+        if name is None:
+            return None
+        p = Path(name)
+        return p if p.is_absolute() or root is None else root / p
+
+    out = Manifests(path(cfg.train), path(cfg.val), path(cfg.test))
+    if not out.train.is_file():
+        raise ConfigError(f"data.train: manifest {out.train} does not exist (set data.root, data.synthetic or a path)")
+    for name in ("val", "test"):
+        p = getattr(out, name)
+        if p is not None and not p.is_file():
+            log.warning("data.%s: %s does not exist; skipping that split", name, p)
+            setattr(out, name, None)
+    return out
+
+
+def av_dataset(manifest: Path, cfg: LipreadDataConfig, vocab: CharVocab, *, video: bool, audio: bool,
+               train: bool, seed: int = 0):
+    from xmodal.data.av import AVSpeechDataset
+
+    return AVSpeechDataset(manifest, vocab, video=cfg.video if video else None, audio=cfg.audio if audio else None,
+                           train=train, require_transcript=False, seed=seed)
+
+
+def eval_loader(manifest: Path | None, cfg: LipreadDataConfig, vocab: CharVocab, batch_size: int, *,
+                video: bool, audio: bool):
+    if manifest is None:
+        return None
+    from torch.utils.data import DataLoader
+
+    from xmodal.data.av import collate_av
+
+    ds = av_dataset(manifest, cfg, vocab, video=video, audio=audio, train=False)
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate_av)
+
+
+def _scores(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(metrics[k]) for k in ("cer", "wer")}
+
+
+# ---------------------------------------------------------------- teacher
+
+
+def obtain_teacher(cfg: SpeechTeacherConfig, data: LipreadDataConfig, paths: Manifests, vocab: CharVocab,
+                   run_dir: Path, eval_cfg, device: torch.device) -> SequenceRecognizer:
+    """The teacher recogniser: loaded from `path`, or trained on the training audio (and reused later)."""
+    if cfg.path is not None:
+        return load_recognizer(cfg.path, kind="speech_recognizer")
+    from xmodal.data.av import collate_av
+    from xmodal.engine import Distiller
+    from xmodal.losses import build_losses
+    from xmodal.teachers.speech import SpeechRecognizer
+
+    folder = run_dir / "teacher"
+    model_file = folder / "speech_recognizer.pt"
+    key = hash_json({"teacher": to_dict(cfg), "audio": to_dict(data.audio), "vocab": data.vocab,
+                     "train": str(paths.train), "size": paths.train.stat().st_size})
+    marker = folder / "trained.json"
+    if model_file.is_file() and marker.is_file() and json.loads(marker.read_text()).get("key") == key:
+        log.info("teacher: reusing the recogniser trained earlier in %s", model_file)
+        return load_recognizer(model_file, kind="speech_recognizer")
+    if cfg.model.vocab_size != len(vocab):
+        raise ConfigError(f"teacher.model.vocab_size is {cfg.model.vocab_size} but the vocabulary has {len(vocab)} "
+                          "tokens (<blank>, <sos/eos> and data.vocab)")
+    if cfg.model.n_mels != data.audio.n_mels:
+        raise ConfigError(f"teacher.model.n_mels ({cfg.model.n_mels}) must equal data.audio.n_mels "
+                          f"({data.audio.n_mels})")
+    model = SpeechRecognizer(cfg.model)
+    _, ctx = uses_context(cfg.losses)
+    student = RecognizerModule(model, "audio", context=uses_context(cfg.losses)[0] or ctx)
+    train_ds = av_dataset(paths.train, data, vocab, video=False, audio=True, train=True, seed=cfg.train.seed)
+    val = eval_loader(paths.val, data, vocab, eval_cfg.batch_size, video=False, audio=True)
+    evaluator = None
+    if val is not None:
+        def evaluator(module: RecognizerModule) -> dict[str, float]:
+            return _scores(evaluate_lipreading(module.model, val, vocab, "greedy", input_key="audio",
+                                                max_batches=eval_cfg.max_batches))
+    log.info("teacher: training a %s-parameter speech recogniser for %d steps",
+             f"{sum(p.numel() for p in model.parameters()):,}", cfg.train.steps)
+    Distiller(student, build_losses(cfg.losses), train_ds, cfg.train, folder, evaluator=evaluator,
+              config={"teacher": to_dict(cfg), "audio": to_dict(data.audio)}, collate_fn=collate_av).fit()
+    save_recognizer(model, model_file, meta={"vocab": vocab.to_dict(), "audio": to_dict(data.audio)})
+    atomic_write_json(marker, {"key": key, "model": str(model_file)})
+    return model.eval()
+
+
+# ---------------------------------------------------------------- the job
+
+
+@register_job("lipread_distill", LipreadDistillConfig,
+              help="train a lip reader from a speech teacher (LIBS / CTC distillation) and score CER/WER")
+def run(cfg: LipreadDistillConfig) -> dict[str, Any]:
+    from xmodal.data.av import collate_av
+    from xmodal.engine import Distiller
+    from xmodal.losses import build_losses
+    from xmodal.students.lipreader import LipReader
+    from xmodal.tasks.lipread.decode import DECODERS
+
+    DECODERS.get(cfg.eval.decoder)
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    run_dir = Path(cfg.run_dir)
+    vocab = CharVocab(cfg.data.vocab)
+    if cfg.student.vocab_size != len(vocab):
+        raise ConfigError(f"student.vocab_size is {cfg.student.vocab_size} but the vocabulary has {len(vocab)} "
+                          "tokens (<blank>, <sos/eos> and data.vocab)")
+    paths = resolve_manifests(cfg.data)
+    s_ctx, t_ctx = uses_context(cfg.losses)
+
+    teacher_model = teacher = None
+    fingerprint = None
+    if cfg.teacher is not None:
+        teacher_model = obtain_teacher(cfg.teacher, cfg.data, paths, vocab, run_dir, cfg.eval, device)
+        if teacher_model.vocab_size != len(vocab):
+            raise ConfigError(f"the teacher predicts {teacher_model.vocab_size} tokens, the vocabulary has "
+                              f"{len(vocab)}; teacher and student must share the vocabulary")
+        teacher_model.eval().requires_grad_(False)
+        teacher = RecognizerModule(teacher_model, "audio", context=t_ctx, frozen=True)
+        fingerprint = model_fingerprint(teacher_model, {"audio": to_dict(cfg.data.audio)})
+    elif any(s.name.startswith(("libs", "ctc_kd")) for s in cfg.losses if s.weight):
+        raise ConfigError("losses: libs / ctc_kd need a teacher; add a 'teacher' block or drop those losses")
+
+    student_model = LipReader(cfg.student)
+    dim = teacher_model.width if teacher_model is not None else None
+    student = RecognizerModule(student_model, "video", dim=dim, projection=cfg.projection, context=s_ctx)
+    train_ds = av_dataset(paths.train, cfg.data, vocab, video=True, audio=teacher is not None, train=True,
+                          seed=cfg.train.seed)
+    e = cfg.eval
+    val = eval_loader(paths.val, cfg.data, vocab, e.batch_size, video=True, audio=False)
+    options = {"beam_size": e.beam_size} if e.decoder == "beam" else (
+        {"beam_size": e.beam_size, "ctc_weight": e.ctc_weight} if e.decoder == "joint" else {})
+    evaluator = None
+    if val is not None:
+        def evaluator(module: RecognizerModule) -> dict[str, float]:
+            return _scores(evaluate_lipreading(module.model, val, vocab, e.decoder, max_batches=e.max_batches,
+                                                **options))
+    log.info("student: %s-parameter lip reader; losses: %s", f"{sum(p.numel() for p in student_model.parameters()):,}",
+             ", ".join(f"{s.label or s.name}×{s.weight:g}" for s in cfg.losses))
+    start = time.perf_counter()
+    out = Distiller(student, build_losses(cfg.losses), train_ds, cfg.train, run_dir, teacher=teacher,
+                    evaluator=evaluator, config=cfg, teacher_fingerprint=fingerprint, resume=cfg.resume,
+                    collate_fn=collate_av).fit()
+    train_seconds = time.perf_counter() - start
+    save_recognizer(student_model, run_dir / "lipreader.pt",
+                    meta={"vocab": vocab.to_dict(), "video": to_dict(cfg.data.video)})
+
+    results: dict[str, Any] = {"train_seconds": round(train_seconds, 1),
+                               "student_params": sum(p.numel() for p in student_model.parameters()),
+                               "train": {k: v for k, v in out.items() if isinstance(v, (int, float, str))}}
+    test = eval_loader(paths.test, cfg.data, vocab, e.batch_size, video=True, audio=False)
+    if test is not None:
+        results["student"] = evaluate_lipreading(student_model, test, vocab, e.decoder, **options)
+    if teacher_model is not None and paths.test is not None:
+        audio_test = eval_loader(paths.test, cfg.data, vocab, e.batch_size, video=False, audio=True)
+        results["teacher"] = evaluate_lipreading(teacher_model, audio_test, vocab, "greedy", input_key="audio")
+    atomic_write_json(run_dir / "results.json", results)
+    for who in ("teacher", "student"):
+        if who in results:
+            r = results[who]
+            log.info("%s test: CER %.4f, WER %.4f (%d utterances)", who, r["cer"], r["wer"], r["num_utterances"])
+    return results

@@ -1,0 +1,112 @@
+"""The lipread_distill job end to end on a tiny hand-made corpus, and `xmodal eval lipread` on its outputs."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from xmodal.cli import main
+from xmodal.config import LossSpec, from_dict
+from xmodal.errors import CheckpointError, ConfigError
+from xmodal.plugins import load_plugins
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Three utterances: random 32x32 gray video at 25 fps and noise audio at 16 kHz, with transcripts."""
+    from xmodal.data.grid import encode_video, encode_wav
+
+    root = tmp_path_factory.mktemp("avcorpus")
+    rng = np.random.default_rng(0)
+    lines = []
+    for i, (text, frames) in enumerate([("ab", 10), ("ba", 8), ("a b", 12)]):
+        video = rng.integers(0, 255, (frames, 32, 32), dtype=np.uint8)
+        audio = rng.normal(0, 0.1, frames * 640).astype(np.float32)  # 16000 / 25 samples per frame
+        (root / f"u{i}.mp4").write_bytes(encode_video(video, 25.0)[0])
+        (root / f"u{i}.wav").write_bytes(encode_wav(audio, 16000))
+        lines.append(json.dumps({"id": f"u{i}", "video": f"u{i}.mp4", "audio": f"u{i}.wav", "transcript": text}))
+    for split in ("train", "val", "test"):
+        (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def job_config(corpus, run_dir, **over):
+    tiny = dict(dim=16, num_layers=1, num_heads=2, ffn_dim=32, decoder_ffn_dim=32, conv_kernel=3, dropout=0.0)
+    train = dict(steps=2, batch_size=3, lr=1e-3, warmup_steps=0, log_every=1, eval_every=0, ckpt_every=0)
+    cfg = {
+        "run_dir": str(run_dir),
+        "data": {"root": str(corpus), "video": {"crop_size": 24, "hflip_prob": 0.0, "time_masks": 0},
+                 "audio": {"n_mels": 20}},
+        "teacher": {"model": {"n_mels": 20, "encoder": "conformer", **tiny}, "train": train},
+        "student": {"width_mult": 0.0625, "blocks": [1, 1, 1, 1], "encoder": "transformer", **tiny},
+        "losses": [{"name": "ctc", "weight": 0.3}, {"name": "attention_ce", "weight": 0.7},
+                   {"name": "libs", "weight": 0.1, "params": {"filter": "hard", "max_cer": 2.0}},
+                   {"name": "ctc_kd", "weight": 0.1}],
+        "train": train,
+        "eval": {"decoder": "greedy", "batch_size": 3},
+    }
+    cfg.update(over)
+    return cfg
+
+
+def test_job_trains_teacher_and_student_then_cli_scores_them(corpus, tmp_path, capsys):
+    load_plugins()
+    from xmodal.config import JOBS
+    from xmodal.tasks.lipread.config import LipreadDistillConfig
+
+    job = JOBS.get("lipread_distill")
+    cfg = from_dict(LipreadDistillConfig, job_config(corpus, tmp_path / "run"))
+    results = job.run(cfg)
+    run = tmp_path / "run"
+    assert {"student", "teacher"} <= set(results) and results["student"]["num_utterances"] == 3
+    assert json.loads((run / "results.json").read_text())["student"]["cer"] == results["student"]["cer"]
+    teacher_file = run / "teacher" / "speech_recognizer.pt"
+    stamp = teacher_file.stat().st_mtime_ns
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_record = [r for r in records if "loss" in r][-1]
+    assert {"loss/libs/accept_rate", "loss/ctc_kd/kl", "loss/attention_ce"} <= set(train_record)
+
+    # eval lipread on the model file, on the engine checkpoint and on the run folder: same greedy scores
+    scores = []
+    for ckpt in (run / "lipreader.pt", sorted((run / "checkpoints").glob("step_*.pt"))[-1], run):
+        assert main(["eval", "lipread", "--checkpoint", str(ckpt), "--manifest", str(corpus / "test.jsonl"),
+                     "--examples", "0"]) == 0
+        scores.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert scores[0]["cer"] == pytest.approx(scores[1]["cer"]) == pytest.approx(scores[2]["cer"])
+    assert main(["eval", "lipread", "--checkpoint", str(teacher_file), "--modality", "audio",
+                 "--manifest", str(corpus / "test.jsonl"), "--decoder", "joint", "--beam-size", "2"]) == 0
+    assert main(["eval", "lipread", "--checkpoint", str(run / "teacher"), "--manifest",
+                 str(corpus / "test.jsonl")]) == 2
+    assert "training checkpoint of another job" in capsys.readouterr().err
+
+    # a later run in the same folder reuses the trained teacher
+    from xmodal.data.vocab import CharVocab
+    from xmodal.tasks.lipread.job import obtain_teacher, resolve_manifests
+
+    again = obtain_teacher(cfg.teacher, cfg.data, resolve_manifests(cfg.data), CharVocab(), run, cfg.eval,
+                           torch.device("cpu"))
+    assert teacher_file.stat().st_mtime_ns == stamp and not again.training
+
+
+def test_job_config_errors(corpus, tmp_path):
+    load_plugins()
+    from xmodal.config import JOBS
+    from xmodal.tasks.lipread.config import LipreadDistillConfig
+    from xmodal.tasks.lipread.job import uses_context
+
+    with pytest.raises(ConfigError, match="exactly one of 'path'"):
+        from_dict(LipreadDistillConfig, job_config(corpus, tmp_path, teacher={}))
+    no_teacher = from_dict(LipreadDistillConfig, job_config(corpus, tmp_path, teacher=None))
+    with pytest.raises(ConfigError, match="need a teacher"):
+        JOBS.get("lipread_distill").run(no_teacher)
+    assert uses_context([LossSpec("ctc"), LossSpec("attention_ce")]) == (True, False)
+    assert uses_context([LossSpec("libs", params={"context_weight": 0})]) == (False, False)
+    assert uses_context([LossSpec("libs"), LossSpec("attention_ce", 0.0)]) == (True, True)
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        from xmodal.tasks.lipread.cli import load_for_eval
+
+        load_for_eval(tmp_path / "none.pt")
+    torch.save({"weights": 1}, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match="neither a recogniser model file"):
+        load_for_eval(tmp_path / "odd.pt")
