@@ -37,3 +37,21 @@ def test_commands_have_real_help():
 def test_module_entry_point():
     r = subprocess.run([sys.executable, "-m", "xmodal", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("xmodal ")
+
+
+def test_every_package_is_listed_in_setup_cfg():
+    """A package missing from setup.cfg works in an editable install but vanishes from a wheel."""
+    import configparser
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = configparser.ConfigParser()
+    cfg.read(root / "setup.cfg")
+    listed = set(cfg["options"]["packages"].split())
+    mapping = {"xmodal": "xmodal", "teachers": "xmodal.teachers", "students": "xmodal.students", "tasks": "xmodal.tasks"}
+    found = set()
+    for folder, name in mapping.items():
+        for init in (root / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(root / folder).parts
+            found.add(".".join((name, *rel)))
+    assert found <= listed, f"add to setup.cfg [options] packages: {sorted(found - listed)}"
