@@ -305,3 +305,41 @@ __all__ = [
     "strip_prefix",
     "write_student_config",
 ]
+
+
+def load_clip_checkpoint(path: str | os.PathLike, *, device: str = "cpu"):
+    """A trained xmodal CLIP student as `LoadedCLIP` (model, transforms, tokenizer), from a run folder or checkpoint.
+
+    Used by evaluators (`xmodal eval retrieval --checkpoint RUN`); the model config comes from the run's
+    `student_open_clip.json`, the weights from the newest checkpoint (or the file given).
+    """
+    import open_clip
+
+    from xmodal.device import resolve_device
+    from xmodal.fingerprint import model_fingerprint
+    from xmodal.students.clip import create_student, student_transforms
+    from xmodal.teachers.clip import LoadedCLIP
+
+    path = Path(path)
+    if path.is_dir():
+        run, ckpt = path, find_run_checkpoint(path)
+    else:
+        ckpt = path
+        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    cfg_path = run / STUDENT_CONFIG_NAME
+    if not cfg_path.is_file():
+        raise CheckpointError(
+            f"{cfg_path} not found: a CLIP run folder records its student's open_clip config there; for other "
+            "models pass --model NAME --pretrained FILE, or an exported open_clip folder as --model"
+        )
+    model_cfg, preprocess_cfg = read_student_config(cfg_path)
+    model = create_student(model_cfg, preprocess_cfg)
+    state = load_run_checkpoint(ckpt)
+    weights = state.get("model", state)
+    model.load_state_dict(strip_prefix(weights, set(model.state_dict())))
+    model = model.to(resolve_device(device)).eval().requires_grad_(False)
+    train_tf, eval_tf = student_transforms(model)
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(
+        context_length=model_cfg.get("text_cfg", {}).get("context_length", 77))
+    return LoadedCLIP(model, eval_tf, train_tf, tokenizer, str(run), str(ckpt),
+                      model_fingerprint(model, {"preprocess": preprocess_cfg}))

@@ -139,11 +139,11 @@ def test_cached_teacher_path(tmp_path):
     from xmodal.config import JOBS
 
     cache = tmp_path / "teacher_cache"
-    cfg_path = write_config(tmp_path, f"""
+    cfg_path = write_config(tmp_path, """
 student:
-  shrink: {{vision: {{layers: 1, width: 0.5}}, text: {{layers: 1, width: 0.5}}}}
-train: {{steps: 2, batch_size: 16, warmup_steps: 1, log_every: 1}}
-eval: {{zeroshot: false}}
+  shrink: {vision: {layers: 1, width: 0.5}, text: {layers: 1, width: 0.5}}
+train: {steps: 2, batch_size: 16, warmup_steps: 1, log_every: 1}
+eval: {zeroshot: false}
 """)
     text = cfg_path.read_text().replace("data:\n", "data:\n  caption_sampling: first\n")
     text = text.replace("teacher:\n", f"teacher:\n  cache: {cache}\n")
@@ -157,3 +157,17 @@ eval: {{zeroshot: false}}
     cfg_path.write_text(bad)
     with pytest.raises(ConfigError, match="set data.caption_sampling to 'all'"):
         load_job_config(cfg_path)
+
+
+def test_eval_retrieval_on_a_run_folder_matches_the_jobs_own_evaluation(finished_run, tmp_path):
+    from xmodal.cli import main
+
+    run, _ = finished_run
+    out = tmp_path / "results.json"
+    data = run.parent / "data" / "val.csv"
+    assert main(["eval", "retrieval", "--checkpoint", str(run), "--data", str(data), "--no-cache",
+                 "--no-progress", "--device", "cpu", "--out", str(out)]) == 0
+    metrics = json.loads(out.read_text())["metrics"]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in records if "eval/text_to_image_R@1" in r][-1]
+    assert metrics["text_to_image_R@1"] == pytest.approx(final["eval/text_to_image_R@1"], abs=1e-6)
