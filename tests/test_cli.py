@@ -48,7 +48,8 @@ def test_every_package_is_listed_in_setup_cfg():
     cfg = configparser.ConfigParser()
     cfg.read(root / "setup.cfg")
     listed = set(cfg["options"]["packages"].split())
-    mapping = {"xmodal": "xmodal", "teachers": "xmodal.teachers", "students": "xmodal.students", "tasks": "xmodal.tasks"}
+    mapping = {"xmodal": "xmodal", "teachers": "xmodal.teachers", "students": "xmodal.students",
+               "tasks": "xmodal.tasks"}
     found = set()
     for folder, name in mapping.items():
         for init in (root / folder).rglob("__init__.py"):
