@@ -180,7 +180,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="run folder (default runs/demo)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a demo setting, e.g. --set student_train.steps=100 (see runs/demo/demo.yaml)")
-    p.add_argument("--quick", action="store_true", help="a much smaller run (about a minute) to check the setup")
+    p.add_argument("--quick", action="store_true", help="a much smaller run to check the setup")
 
 
 QUICK = ["data_train=400", "data_val=64", "data_test=128", "teacher_train.steps=30", "student_train.steps=20",
