@@ -303,7 +303,7 @@ class Distiller:
         self._started = True
         path = self.ckpts.resolve(self.resume) if self.resume else None
         if self.resume and path is None:
-            log.info("resume=%s: no checkpoint in %s yet, starting a new run", self.resume, self.ckpts.folder)
+            log.debug("resume=%s: no checkpoint in %s yet, starting a new run", self.resume, self.ckpts.folder)
         if path is not None:
             ckpt = load_checkpoint(path)
             check_resume_compatible(ckpt, path, self.config, self.teacher_fingerprint, self.resume_may_change)
