@@ -146,10 +146,10 @@ train: {steps: 2, batch_size: 16, warmup_steps: 1, log_every: 1}
 eval: {zeroshot: false}
 """)
     text = cfg_path.read_text().replace("data:\n", "data:\n  caption_sampling: first\n")
-    text = text.replace("teacher:\n", f"teacher:\n  cache: {cache}\n")
     cfg_path.write_text(text)
-    assert main(["cache", str(cfg_path)]) == 0
+    assert main(["cache", str(cfg_path), "--out", str(cache)]) == 0  # as the README does it
     assert (cache / "manifest.json").is_file()
+    cfg_path.write_text(text.replace("teacher:\n", f"teacher:\n  cache: {cache}\n"))
     name, cfg = load_job_config(cfg_path)
     results = JOBS.get(name).run(cfg)
     assert results["stage0"]["step"] == 2

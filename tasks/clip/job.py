@@ -238,7 +238,8 @@ def obtain_teacher(cfg: TeacherConfig, paths: DataPaths, data_cfg: DataConfig, r
             log.warning("teacher: built from model_cfg with random weights and no teacher.train; "
                         "it will teach noise. Give pretrained weights or a teacher.train block")
         return teacher
-    key = hash_json({"teacher": to_dict(cfg), "data": str(paths.train), "size": paths.train.stat().st_size})
+    settings = {k: v for k, v in to_dict(cfg).items() if k != "cache"}  # where outputs are cached is not the teacher
+    key = hash_json({"teacher": settings, "data": str(paths.train), "size": paths.train.stat().st_size})
     folder = run_dir / "teacher" / key  # one folder per settings: a changed teacher never meets old checkpoints
     export_dir = folder / "open_clip"
     from xmodal.tasks.clip.config import ClipModelConfig
@@ -253,7 +254,7 @@ def obtain_teacher(cfg: TeacherConfig, paths: DataPaths, data_cfg: DataConfig, r
     log.info("teacher: training %s params contrastively for %d steps", f"{count_parameters(teacher.model):,}",
              cfg.train.steps)
     train_clip(teacher, paths, data_cfg, cfg.train, folder, losses=[LossSpec("clip")], device=device,
-               config={"teacher": to_dict(cfg)}, resume="latest")  # an interrupted teacher run continues
+               config={"teacher": settings}, resume="latest")  # an interrupted teacher run continues
     export_open_clip(teacher.model, teacher.model_cfg, export_dir, teacher.preprocess_cfg, overwrite=True)
     return load_clip(exported, device)  # the exported form, so a fresh and a reused teacher are the same teacher
 
