@@ -1,0 +1,466 @@
+"""Lip reading from a speech teacher: LIBS distillation gain on the synthetic GRID corpus, held-out speakers.
+
+Protocol: one synthetic GRID corpus with speaker-disjoint splits (the test speakers are never seen in
+training) and one speech teacher, trained once and reused by every run. For each seed
+the same lip reader is trained for the same steps with the same optimiser and data order:
+
+- (a) `sup`: supervised on all transcripts (hybrid CTC + attention cross-entropy);
+- (b) `libs`: (a) + LIBS distillation (frame, sequence and context levels, soft teacher filtering);
+- (c) `sup20`: supervised on a 20% labelled subset only (per seed, 20% of each training speaker);
+- (d) `distill20`: all training videos, the same 20% with transcripts, plus CTC distillation (`ctc_kd`: the
+  teacher's greedy transcript as CTC target + frame-wise KL to its posteriors) and LIBS on every video.
+
+The teacher learns from its own synthetic corpus (other speakers, other sentences) by default, so no
+transcript of the lip-reading corpus reaches a student through it. Loss weights are chosen on the validation
+speaker with `--tune-libs` / `--tune-kd` (seed 0); pass the resulting tune.json with `--tuning` to show the
+sweep in the report.
+
+Scores: CER/WER of greedy CTC decoding on the test speakers (teacher: from audio; students: from video only),
+mean ± std over seeds, and the distillation gains (a) − (b) and (c) − (d).
+
+    python benchmarks/bench_lipread.py            # full protocol (3 seeds), writes BENCHMARKS.md
+    python benchmarks/bench_lipread.py --quick    # a smoke run of a minute or two, no report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+VARIANTS = {
+    "sup": "(a) supervised, 100% transcripts",
+    "libs": "(b) supervised + LIBS, 100% transcripts",
+    "sup20": "(c) supervised, 20% transcripts",
+    "distill20": "(d) 20% transcripts + distillation on all videos",
+}
+LABELLED_ONLY = {"sup20"}  # trained on the labelled subset alone
+PARTIAL_LABELS = {"distill20"}  # trained on every video, transcripts on the subset only
+DISTILLED = {"libs", "distill20"}
+
+
+# ---------------------------------------------------------------- sizes
+
+
+def corpus_settings(quick: bool) -> dict:
+    if quick:
+        return dict(speakers=5, utterances=20, roi_size=32, test_fraction=0.2)
+    return dict(speakers=10, utterances=40, roi_size=32, test_fraction=0.2)
+
+
+def teacher_corpus_settings(quick: bool) -> dict:
+    """The speech teacher's own training corpus (used with --teacher-data separate)."""
+    if quick:
+        return dict(speakers=4, utterances=15, roi_size=32)
+    return dict(speakers=10, utterances=30, roi_size=32)
+
+
+def teacher_model() -> dict:
+    return dict(n_mels=40, dim=64, encoder="conformer", num_layers=2, num_heads=4, ffn_dim=128, conv_kernel=15,
+                subsampling=4, decoder_layers=1, decoder_ffn_dim=128, dropout=0.1)
+
+
+def student_model() -> dict:
+    return dict(width_mult=0.125, blocks=[1, 1, 1, 1], dim=64, encoder="transformer", num_layers=2, num_heads=4,
+                ffn_dim=128, conv_kernel=15, decoder_layers=1, decoder_ffn_dim=128, dropout=0.1)
+
+
+def train_block(steps: int, seed: int, batch_size: int, lr: float) -> dict:
+    return dict(steps=steps, batch_size=batch_size, lr=lr, weight_decay=0.01, warmup_steps=max(1, steps // 10),
+                log_every=max(1, steps // 10), eval_every=0, ckpt_every=0, keep_last=1, seed=seed,
+                precision="fp32")
+
+
+def supervised_losses() -> list[dict]:
+    return [{"name": "ctc", "weight": 0.3},
+            {"name": "attention_ce", "weight": 0.7, "params": {"label_smoothing": 0.1}}]
+
+
+def libs_loss(weight: float, levels: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> dict:
+    frame, sequence, context = levels
+    return {"name": "libs", "weight": weight,
+            "params": {"aligner": "attention", "frame_weight": frame, "sequence_weight": sequence,
+                       "context_weight": context, "filter": "soft", "filter_rate": 2.0}}
+
+
+def ctc_kd_loss(weight: float) -> dict:
+    return {"name": "ctc_kd", "weight": weight, "params": {"ctc_weight": 1.0, "kl_weight": 1.0, "aligner": "time"}}
+
+
+def variant_losses(variant: str, libs_weight: float, kd_weight: float,
+                   levels: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> list[dict]:
+    losses = supervised_losses()
+    if variant in DISTILLED and libs_weight:
+        losses.append(libs_loss(libs_weight, levels))
+    if variant in PARTIAL_LABELS and kd_weight:
+        losses.append(ctc_kd_loss(kd_weight))
+    return losses
+
+
+# ---------------------------------------------------------------- data
+
+
+def label_subsets(train_manifest: Path, fraction: float, seed: int, out: Path) -> tuple[Path, Path, int, int]:
+    """Per seed, keep transcripts for `fraction` of each training speaker's utterances.
+
+    Writes `<out>/seed<k>_labelled.jsonl` (the labelled utterances only) and `<out>/seed<k>_partial.jsonl`
+    (every utterance, transcripts removed outside the subset); paths are made absolute.
+    """
+    import numpy as np
+
+    from xmodal.io import atomic_write_text
+
+    rows = [json.loads(line) for line in train_manifest.read_text().splitlines() if line.strip()]
+    for r in rows:
+        for key in ("video", "audio"):
+            r[key] = str((train_manifest.parent / r[key]).resolve())
+    by_speaker: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_speaker.setdefault(r["speaker"], []).append(i)
+    rng = np.random.default_rng([seed, 20])
+    keep: set[int] = set()
+    for spk in sorted(by_speaker):
+        idx = by_speaker[spk]
+        n = max(1, round(fraction * len(idx)))
+        keep.update(int(i) for i in rng.choice(idx, size=n, replace=False))
+    labelled = [r for i, r in enumerate(rows) if i in keep]
+    partial = [r if i in keep else {**r, "transcript": None} for i, r in enumerate(rows)]
+    lab_path, part_path = out / f"seed{seed}_labelled.jsonl", out / f"seed{seed}_partial.jsonl"
+    atomic_write_text(lab_path, "".join(json.dumps(r) + "\n" for r in labelled))
+    atomic_write_text(part_path, "".join(json.dumps(r) + "\n" for r in partial))
+    return lab_path, part_path, len(labelled), len(rows)
+
+
+# ---------------------------------------------------------------- reporting helpers
+
+
+def mean_std(xs: list[float]) -> str:
+    if len(xs) == 1:
+        return f"{xs[0]:.3f}"
+    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
+
+
+def gain_text(before: list[float], after: list[float]) -> str:
+    """Mean and std over seeds of the paired difference before − after (positive: distillation helps)."""
+    diffs = [b - a for b, a in zip(before, after)]
+    wins = sum(d > 0 for d in diffs)
+    if len(diffs) == 1:
+        return f"{diffs[0]:+.3f} (1 seed)"
+    return f"{statistics.mean(diffs):+.3f} ± {statistics.stdev(diffs):.3f} (lower in {wins}/{len(diffs)} seeds)"
+
+
+# ---------------------------------------------------------------- main
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _levels(text: str) -> tuple[float, float, float]:
+    values = _floats(text)
+    if len(values) != 3 or not any(values):
+        raise argparse.ArgumentTypeError(f"expected three weights frame,sequence,context (not all 0), got {text!r}")
+    return tuple(values)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="runs/bench_lipread")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=600, help="optimizer steps of every lip reader")
+    ap.add_argument("--teacher-steps", type=int, default=700)
+    ap.add_argument("--teacher-data", choices=("separate", "own"), default="separate",
+                    help="train the teacher on a separate synthetic corpus (other speakers and sentences) or, "
+                         "as the lipread_distill job does, on the lip-reading corpus' training audio")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--label-fraction", type=float, default=0.2)
+    ap.add_argument("--libs-weight", type=float, default=0.003, help="weight of libs in (b)")
+    ap.add_argument("--libs-levels", type=_levels, default=(1.0, 1.0, 1.0), metavar="F,S,C",
+                    help="weights of LIBS's frame, sequence and context levels inside the libs loss")
+    ap.add_argument("--kd-weight", type=float, default=1.0, help="weight of ctc_kd in (d)")
+    ap.add_argument("--partial-libs-weight", type=float, default=0.003, help="weight of libs in (d)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    ap.add_argument("--tune-libs", type=_floats, default=[], metavar="W1,W2",
+                    help="instead of the protocol: train (b) with each LIBS weight, seed 0, and score the "
+                         "validation speakers (0 = no LIBS term, i.e. the supervised baseline)")
+    ap.add_argument("--tune-kd", type=_floats, default=[], metavar="W1,W2",
+                    help="likewise for the ctc_kd weight of (d), with --partial-libs-weight (0 and 0: (c))")
+    ap.add_argument("--tuning", default=None, metavar="JSON",
+                    help="a tune.json written by --tune-libs/--tune-kd, shown in the report "
+                         "(default: <out>/tune.json when present)")
+    ap.add_argument("--quick", action="store_true", help="a tiny corpus and few steps; no report")
+    ap.add_argument("--no-report", action="store_true")
+    args = ap.parse_args()
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    if args.quick:
+        args.steps, args.teacher_steps, args.seeds, args.no_report = 20, 40, 1, True
+        if args.out == ap.get_default("out"):
+            args.out = "runs/bench_lipread_quick"
+
+    import torch
+
+    torch.set_num_threads(1)  # sized for one core; another benchmark may run on the other
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    from xmodal.config import JOBS, from_dict
+    from xmodal.data.grid import synthesize_grid
+    from xmodal.data.vocab import CharVocab
+    from xmodal.device import resolve_device, seed_everything
+    from xmodal.plugins import load_plugins
+    from xmodal.tasks.lipread.config import (
+        LipreadDataConfig,
+        LipreadDistillConfig,
+        LipreadEvalConfig,
+        SpeechTeacherConfig,
+    )
+    from xmodal.tasks.lipread.evaluate import evaluate_lipreading
+    from xmodal.tasks.lipread.job import eval_loader, obtain_teacher, resolve_manifests
+
+    load_plugins()
+    job = JOBS.get("lipread_distill")
+    out = Path(args.out).resolve()
+    device = resolve_device("auto")
+    t_start = time.perf_counter()
+
+    # ---- corpus
+    corpus_cfg = corpus_settings(args.quick)
+    root = out / "data"
+    t0 = time.perf_counter()
+    corpus = synthesize_grid(root, seed=0, progress=False, **corpus_cfg)
+    corpus_seconds = time.perf_counter() - t0
+    stats = corpus["video_stats"]
+    crop = corpus_cfg["roi_size"] - 4
+    data = {"root": str(root), "train": "train.jsonl", "val": "val.jsonl", "test": "test.jsonl",
+            "video": {"crop_size": crop, "mean": float(stats["mean"]), "std": float(stats["std"]),
+                      "hflip_prob": 0.0, "time_masks": 1, "time_mask_max_frames": 5},
+            "audio": {"n_mels": 40}}
+    eval_block = {"decoder": "greedy", "batch_size": 16}
+
+    # ---- teacher: trained once, frozen and reused by every distillation run
+    vocab = CharVocab()
+    data_cfg = from_dict(LipreadDataConfig, data, source="bench_lipread data")
+    paths = resolve_manifests(data_cfg)
+    t0 = time.perf_counter()
+    if args.teacher_data == "separate":
+        # Its own corpus (seed 1: other voices, other sentences), so no transcript of the lip-reading corpus
+        # reaches the students through the teacher: the 20% setting really has 20% of the labels.
+        teacher_corpus = teacher_corpus_settings(args.quick)
+        synthesize_grid(out / "teacher_data", seed=1, progress=False, **teacher_corpus)
+        teacher_data_cfg = from_dict(LipreadDataConfig, {**data, "root": str(out / "teacher_data")},
+                                     source="bench_lipread teacher data")
+        teacher_paths = resolve_manifests(teacher_data_cfg)
+    else:
+        teacher_corpus, teacher_data_cfg, teacher_paths = None, data_cfg, paths
+    teacher_cfg = from_dict(SpeechTeacherConfig, {
+        "model": {**teacher_model(), "vocab_size": len(vocab)},
+        "train": train_block(args.teacher_steps, 0, args.batch_size, 2e-3) | {"eval_every": 0},
+    }, source="bench_lipread teacher")
+    teacher_dir = out / f"teacher_{args.teacher_data}_{args.teacher_steps}steps"
+    seed_everything(0)  # the teacher's initialisation must not depend on what ran before in this process
+    teacher = obtain_teacher(teacher_cfg, teacher_data_cfg, teacher_paths, vocab, teacher_dir,
+                             from_dict(LipreadEvalConfig, eval_block), device)
+    teacher_seconds = time.perf_counter() - t0
+    teacher_file = teacher_dir / "teacher" / "speech_recognizer.pt"
+    teacher_scores = {}
+    for split, manifest in (("train", paths.train), ("test", paths.test)):
+        loader = eval_loader(manifest, data_cfg, vocab, 16, video=False, audio=True)
+        teacher_scores[split] = evaluate_lipreading(teacher, loader, vocab, "greedy", input_key="audio")
+    teacher_params = sum(p.numel() for p in teacher.parameters())
+    print(f"teacher: {teacher_params:,} params, test CER {teacher_scores['test']['cer']:.3f} "
+          f"WER {teacher_scores['test']['wer']:.3f}; train CER {teacher_scores['train']['cer']:.3f} "
+          f"({teacher_seconds:.0f} s)", flush=True)
+
+    # ---- students
+    subsets = out / "manifests"
+    subsets.mkdir(parents=True, exist_ok=True)
+
+    def train_student(variant: str, seed: int, libs_weight: float, kd_weight: float, *, tag: str = "",
+                      val: bool = False) -> dict:
+        """One lip reader from scratch in a fresh run folder; the job's results (val scores when `val`)."""
+        lab, part, _, _ = label_subsets(paths.train, args.label_fraction, seed, subsets)
+        run_dir = out / "runs" / f"{variant}_seed{seed}{tag}"
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # every number comes from a fresh run
+        train_manifest = (str(lab) if variant in LABELLED_ONLY else str(part) if variant in PARTIAL_LABELS
+                          else "train.jsonl")
+        losses = variant_losses(variant, libs_weight, kd_weight, args.libs_levels)
+        distilled = len(losses) > len(supervised_losses())
+        cfg = from_dict(LipreadDistillConfig, {
+            "run_dir": str(run_dir),
+            "data": {**data, "train": train_manifest, "val": "val.jsonl" if val else None},
+            "teacher": {"path": str(teacher_file)} if distilled else None,
+            "student": {**student_model(), "vocab_size": len(vocab)},
+            "projection": "linear",
+            "losses": losses,
+            "train": train_block(args.steps, seed, args.batch_size, args.lr),
+            "eval": eval_block,
+        }, source=f"bench_lipread {variant}")
+        return job.run(cfg)
+
+    if args.tune_libs or args.tune_kd:
+        # Loss weights are chosen on the validation speaker(s), seed 0, never on the test speakers.
+        trials = [("libs" if w else "sup", w, 0.0) for w in args.tune_libs]
+        trials += [("distill20" if w or args.partial_libs_weight else "sup20", args.partial_libs_weight, w)
+                   for w in args.tune_kd]
+        tuned = []
+        levels = "-".join(f"{x:g}" for x in args.libs_levels)
+        for variant, lw, kw in trials:
+            res = train_student(variant, 0, lw, kw, tag=f"_tune_libs{lw:g}_{levels}_kd{kw:g}", val=True)
+            r = {"variant": variant, "teacher_data": args.teacher_data, "steps": args.steps, "libs_weight": lw,
+                 "libs_levels": args.libs_levels, "kd_weight": kw,
+                 "val_cer": res["train"]["eval/cer"], "val_wer": res["train"]["eval/wer"]}
+            tuned.append(r)
+            print(f"tune {variant} libs×{lw:g} levels {args.libs_levels} kd×{kw:g}: "
+                  f"val CER {r['val_cer']:.3f} WER {r['val_wer']:.3f}", flush=True)
+        from xmodal.io import atomic_write_json
+
+        previous = json.loads((out / "tune.json").read_text()) if (out / "tune.json").is_file() else []
+        atomic_write_json(out / "tune.json", previous + tuned)
+        return
+
+    tuning_file = Path(args.tuning) if args.tuning else out / "tune.json"
+    tuning = json.loads(tuning_file.read_text()) if tuning_file.is_file() else []
+    tuning = [r for r in tuning if r.get("teacher_data", args.teacher_data) == args.teacher_data]
+    rows: dict[str, list[dict]] = {v: [] for v in variants}
+    student_params = 0
+    t_students = time.perf_counter()
+    for seed in range(args.seeds):
+        _, _, n_labelled, n_train = label_subsets(paths.train, args.label_fraction, seed, subsets)
+        for variant in variants:
+            lw = args.partial_libs_weight if variant in PARTIAL_LABELS else args.libs_weight
+            res = train_student(variant, seed, lw, args.kd_weight)
+            student_params = res["student_params"]
+            s = res["student"]
+            rows[variant].append({"cer": s["cer"], "wer": s["wer"], "seconds": res["train_seconds"],
+                                  "loss": res["train"].get("loss")})
+            print(f"seed {seed} {variant:>9}: CER {s['cer']:.3f} WER {s['wer']:.3f} "
+                  f"({res['train_seconds']:.0f} s, final loss {res['train'].get('loss', float('nan')):.3f})",
+                  flush=True)
+    students_seconds = time.perf_counter() - t_students
+    elapsed = time.perf_counter() - t_start
+    atomic_results = {"teacher": {k: {m: v[m] for m in ("cer", "wer", "num_utterances")}
+                                  for k, v in teacher_scores.items()},
+                      "students": rows, "args": vars(args), "corpus": corpus_cfg, "elapsed_s": elapsed}
+    from xmodal.io import atomic_write_json
+
+    atomic_write_json(out / "results.json", atomic_results)
+
+    # ---- report
+    splits, counts = corpus["splits"], corpus["counts"]
+    tm, sm = teacher_model(), student_model()
+    step_s = statistics.mean(r["seconds"] / args.steps for v in variants for r in rows[v])
+    levels = dict(zip(("frame", "sequence", "context"), args.libs_levels))
+    libs_txt = " + ".join(k for k, w in levels.items() if w)
+    if args.teacher_data == "separate":
+        teacher_data_txt = (f"its own synthetic corpus (seed 1: {teacher_corpus['speakers']} other speakers × "
+                            f"{teacher_corpus['utterances']} other sentences; no lip-reading speaker or transcript)")
+    else:
+        teacher_data_txt = "the lip-reading training speakers' audio with all their transcripts"
+    d_terms = [f"`ctc_kd` × {args.kd_weight:g}"] if args.kd_weight else []
+    d_terms += [f"`libs` × {args.partial_libs_weight:g}"] if args.partial_libs_weight else []
+    lines = [
+        f"Synthetic GRID corpus (eSpeak NG speech + rendered mouth video; not the real GRID): "
+        f"{corpus_cfg['speakers']} speakers × {corpus_cfg['utterances']} utterances, {corpus['hours'] * 60:.1f} "
+        f"min of speech, {corpus_cfg['roi_size']}×{corpus_cfg['roi_size']} mouth crops at 25 fps. "
+        f"Speaker-disjoint splits: train {len(splits['train'])} speakers ({counts['train']} utterances), "
+        f"validation {len(splits['val'])} ({counts['val']}), test {len(splits['test'])} held-out speakers "
+        f"({counts['test']} utterances).",
+        "",
+        f"Teacher: {teacher_params:,}-parameter Conformer CTC/attention speech recogniser on 40 log-mel bands "
+        f"(dim {tm['dim']}, {tm['num_layers']} layers), trained once for {args.teacher_steps} steps of batch "
+        f"{args.batch_size} on {teacher_data_txt}, then frozen and shared by every distillation run. Its greedy "
+        f"CER on the lip reader's training speakers (the quality of what it teaches): "
+        f"{teacher_scores['train']['cer']:.3f}. Student: {student_params:,}-parameter lip reader (3D conv + "
+        f"ResNet trunk at width ×{sm['width_mult']}, {sm['encoder']} encoder dim {sm['dim']} × "
+        f"{sm['num_layers']} layers, CTC head + 1-layer attention decoder) on {crop}×{crop} random crops "
+        f"(centre crops at test).",
+        "",
+        f"Every student: {args.steps} AdamW steps of batch {args.batch_size}, lr {args.lr:g} (warmup + cosine), "
+        f"fp32, `torch.set_num_threads(1)`; the seed sets initialisation, data order and the labelled subset; "
+        f"nothing else differs between (a)–(d). Supervised terms: 0.3·`ctc` + 0.7·`attention_ce`. "
+        f"(b) adds `libs` × {args.libs_weight:g} ({libs_txt} levels, attention aligner, soft teacher filtering "
+        f"exp(−2·CER)). Partial labels: {n_labelled} of {n_train} training utterances keep their transcript "
+        f"({args.label_fraction:.0%} of each speaker); (c) trains on those alone, (d) on all {n_train} videos "
+        f"with {' and '.join(d_terms) or 'no distillation term'} (`ctc_kd`: the teacher's greedy transcript as "
+        f"CTC target + frame-wise KL to its posteriors); `ctc` / `attention_ce` skip the unlabelled ones. "
+        f"Scores: greedy CTC decoding (best path), {args.seeds} seeds, mean ± std.",
+        "",
+        "| model (held-out test speakers) | input | CER | WER |",
+        "|---|---|---:|---:|",
+        f"| teacher | audio | {teacher_scores['test']['cer']:.3f} | {teacher_scores['test']['wer']:.3f} |",
+    ]
+    for v in variants:
+        lines.append(f"| {VARIANTS[v]} | video | {mean_std([r['cer'] for r in rows[v]])} | "
+                     f"{mean_std([r['wer'] for r in rows[v]])} |")
+    lines.append("")
+
+    def col(v: str, key: str) -> list[float]:
+        return [r[key] for r in rows[v]]
+
+    def used(r: dict) -> bool:
+        """Whether a validation trial ran the settings of this protocol."""
+        levels_used = tuple(r.get("libs_levels") or (1.0, 1.0, 1.0)) == tuple(args.libs_levels)
+        if r["variant"] == "libs":
+            return r["libs_weight"] == args.libs_weight and levels_used
+        if r["variant"] == "distill20":
+            return (r["libs_weight"] == args.partial_libs_weight and r["kd_weight"] == args.kd_weight
+                    and (levels_used or not r["libs_weight"]))
+        return r["variant"] in ("sup", "sup20")
+
+    for base, dist, label in (("sup", "libs", "(a) − (b), LIBS with all transcripts"),
+                              ("sup20", "distill20", "(c) − (d), distillation with 20% transcripts")):
+        if base in rows and dist in rows:
+            gain = statistics.mean(col(base, "cer")) - statistics.mean(col(dist, "cer"))
+            verdict = "" if gain > 0 else " — **distillation did not lower the student's CER here**"
+            lines.append(f"- gain {label}: CER {gain_text(col(base, 'cer'), col(dist, 'cer'))}; "
+                         f"WER {gain_text(col(base, 'wer'), col(dist, 'wer'))}{verdict}")
+    if tuning:
+        order = list(VARIANTS)
+        tuning = sorted(tuning, key=lambda r: order.index(r["variant"]) if r["variant"] in order else len(order))
+        steps = sorted({r.get("steps", args.steps) for r in tuning})
+        lines += ["", f"Loss weights were chosen on the validation speaker ({counts['val']} utterances; seed 0; "
+                  f"{'/'.join(map(str, steps))} steps, otherwise as above), never on the test speakers "
+                  "(`--tune-libs` / `--tune-kd`; ← marks the settings used above):", "",
+                  "| run (validation speaker) | libs weight (frame, sequence, context) | ctc_kd weight | CER | WER |",
+                  "|---|---|---:|---:|---:|"]
+        for r in tuning:
+            lv = ", ".join(f"{x:g}" for x in r.get("libs_levels") or (1, 1, 1))
+            libs = f"{r['libs_weight']:g} ({lv})" if r["libs_weight"] else "–"
+            kd = f"{r['kd_weight']:g}" if r["variant"] in PARTIAL_LABELS and r["kd_weight"] else "–"
+            lines.append(f"| {VARIANTS.get(r['variant'], r['variant'])}{' ←' if used(r) else ''} | {libs} | {kd} | "
+                         f"{r['val_cer']:.3f} | {r['val_wer']:.3f} |")
+        lines.append("")
+        for v in ("libs", "distill20"):
+            trials = [r for r in tuning if r["variant"] == v]
+            best = min(trials, key=lambda r: r["val_cer"], default=None)
+            chosen = next((r for r in trials if used(r)), None)
+            if best is not None and chosen is not None and best is not chosen:
+                lines.append(f"- {VARIANTS[v]}: the settings used have validation CER {chosen['val_cer']:.3f}, "
+                             f"the best in the sweep {best['val_cer']:.3f}")
+    lines += [
+        "",
+        f"Wall time: {elapsed / 60:.1f} min in all (corpus {corpus_seconds:.0f} s, teacher corpus + training "
+        f"{teacher_seconds:.0f} s, {len(variants) * args.seeds} student runs {students_seconds / 60:.1f} min, "
+        f"about {step_s:.2f} s per training step with data loading).",
+    ]
+    body = "\n".join(lines)
+    print(body)
+    if not args.no_report:
+        from _report import write_section
+
+        write_section("lipread", "Lip reading from a speech teacher: LIBS distillation on synthetic GRID", body)
+
+
+if __name__ == "__main__":
+    main()
