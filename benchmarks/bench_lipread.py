@@ -217,6 +217,7 @@ def main() -> None:
     from xmodal.data.grid import synthesize_grid
     from xmodal.data.vocab import CharVocab
     from xmodal.device import resolve_device, seed_everything
+    from xmodal.fingerprint import model_fingerprint
     from xmodal.plugins import load_plugins
     from xmodal.tasks.lipread.config import (
         LipreadDataConfig,
@@ -277,6 +278,7 @@ def main() -> None:
         loader = eval_loader(manifest, data_cfg, vocab, 16, video=False, audio=True)
         teacher_scores[split] = evaluate_lipreading(teacher, loader, vocab, "greedy", input_key="audio")
     teacher_params = sum(p.numel() for p in teacher.parameters())
+    teacher_id = model_fingerprint(teacher)
     print(f"teacher: {teacher_params:,} params, test CER {teacher_scores['test']['cer']:.3f} "
           f"WER {teacher_scores['test']['wer']:.3f}; train CER {teacher_scores['train']['cer']:.3f} "
           f"({teacher_seconds:.0f} s)", flush=True)
@@ -317,7 +319,8 @@ def main() -> None:
         levels = "-".join(f"{x:g}" for x in args.libs_levels)
         for variant, lw, kw in trials:
             res = train_student(variant, 0, lw, kw, tag=f"_tune_libs{lw:g}_{levels}_kd{kw:g}", val=True)
-            r = {"variant": variant, "teacher_data": args.teacher_data, "steps": args.steps, "libs_weight": lw,
+            r = {"variant": variant, "teacher_data": args.teacher_data, "teacher": teacher_id, "steps": args.steps,
+                 "libs_weight": lw,
                  "libs_levels": args.libs_levels, "kd_weight": kw,
                  "val_cer": res["train"]["eval/cer"], "val_wer": res["train"]["eval/wer"]}
             tuned.append(r)
@@ -441,6 +444,10 @@ def main() -> None:
             lines.append(f"| {VARIANTS.get(r['variant'], r['variant'])}{' ←' if used(r) else ''} | {libs} | {kd} | "
                          f"{r['val_cer']:.3f} | {r['val_wer']:.3f} |")
         lines.append("")
+        if any(r.get("teacher") != teacher_id for r in tuning if r["variant"] in DISTILLED):
+            lines.append("- the sweep's distillation runs used another training run of the same teacher recipe "
+                         "(another initialisation, so a somewhat different teacher); the weights were not "
+                         "re-tuned for this one")
         for v in ("libs", "distill20"):
             trials = [r for r in tuning if r["variant"] == v]
             best = min(trials, key=lambda r: r["val_cer"], default=None)
