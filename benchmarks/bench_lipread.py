@@ -452,7 +452,7 @@ def main() -> None:
             trials = [r for r in tuning if r["variant"] == v]
             best = min(trials, key=lambda r: r["val_cer"], default=None)
             chosen = next((r for r in trials if used(r)), None)
-            if best is not None and chosen is not None and best is not chosen:
+            if best is not None and chosen is not None and best["val_cer"] < chosen["val_cer"]:
                 lines.append(f"- {VARIANTS[v]}: the settings used have validation CER {chosen['val_cer']:.3f}, "
                              f"the best in the sweep {best['val_cer']:.3f}")
     lines += [
