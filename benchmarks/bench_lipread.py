@@ -226,7 +226,7 @@ def main() -> None:
         SpeechTeacherConfig,
     )
     from xmodal.tasks.lipread.evaluate import evaluate_lipreading
-    from xmodal.tasks.lipread.job import eval_loader, obtain_teacher, resolve_manifests
+    from xmodal.tasks.lipread.job import eval_loader, obtain_teacher, resolve_manifests, teacher_folder
 
     load_plugins()
     job = JOBS.get("lipread_distill")
@@ -272,7 +272,7 @@ def main() -> None:
     teacher = obtain_teacher(teacher_cfg, teacher_data_cfg, teacher_paths, vocab, teacher_dir,
                              from_dict(LipreadEvalConfig, eval_block), device)
     teacher_seconds = time.perf_counter() - t0
-    teacher_file = teacher_dir / "teacher" / "speech_recognizer.pt"
+    teacher_file = teacher_folder(teacher_cfg, teacher_data_cfg, teacher_paths, teacher_dir) / "speech_recognizer.pt"
     teacher_scores = {}
     for split, manifest in (("train", paths.train), ("test", paths.test)):
         loader = eval_loader(manifest, data_cfg, vocab, 16, video=False, audio=True)

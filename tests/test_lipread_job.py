@@ -1,6 +1,7 @@
 """The lipread_distill job end to end on a tiny hand-made corpus, and `xmodal eval lipread` on its outputs."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,7 +62,8 @@ def test_job_trains_teacher_and_student_then_cli_scores_them(corpus, tmp_path, c
     run = tmp_path / "run"
     assert {"student", "teacher"} <= set(results) and results["student"]["num_utterances"] == 3
     assert json.loads((run / "results.json").read_text())["student"]["cer"] == results["student"]["cer"]
-    teacher_file = run / "teacher" / "speech_recognizer.pt"
+    teacher_file = Path(results["teacher_path"])
+    assert teacher_file.is_file() and teacher_file.parent.parent == run / "teacher"
     stamp = teacher_file.stat().st_mtime_ns
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_record = [r for r in records if "loss" in r][-1]
@@ -76,7 +78,7 @@ def test_job_trains_teacher_and_student_then_cli_scores_them(corpus, tmp_path, c
     assert scores[0]["cer"] == pytest.approx(scores[1]["cer"]) == pytest.approx(scores[2]["cer"])
     assert main(["eval", "lipread", "--checkpoint", str(teacher_file), "--modality", "audio",
                  "--manifest", str(corpus / "test.jsonl"), "--decoder", "joint", "--beam-size", "2"]) == 0
-    assert main(["eval", "lipread", "--checkpoint", str(run / "teacher"), "--manifest",
+    assert main(["eval", "lipread", "--checkpoint", str(teacher_file.parent), "--manifest",
                  str(corpus / "test.jsonl")]) == 2
     assert "training checkpoint of another job" in capsys.readouterr().err
 
@@ -87,6 +89,25 @@ def test_job_trains_teacher_and_student_then_cli_scores_them(corpus, tmp_path, c
     again = obtain_teacher(cfg.teacher, cfg.data, resolve_manifests(cfg.data), CharVocab(), run, cfg.eval,
                            torch.device("cpu"))
     assert teacher_file.stat().st_mtime_ns == stamp and not again.training
+
+    # a changed teacher recipe trains into its own folder instead of meeting the old checkpoints; training is
+    # seeded by the recipe, so the RNG state left by earlier work does not change the teacher
+    from dataclasses import replace
+
+    from xmodal.fingerprint import model_fingerprint
+
+    changed = replace(cfg.teacher, train=replace(cfg.teacher.train, steps=1))
+    made = []
+    for i in range(2):
+        torch.manual_seed(100 + i)
+        made.append(obtain_teacher(changed, cfg.data, resolve_manifests(cfg.data), CharVocab(), tmp_path / f"t{i}",
+                                   cfg.eval, torch.device("cpu")))
+    assert model_fingerprint(made[0]) == model_fingerprint(made[1])
+    assert model_fingerprint(made[0]) != model_fingerprint(again)
+    assert len(list((tmp_path / "t0" / "teacher").glob("*/speech_recognizer.pt"))) == 1
+    obtain_teacher(changed, cfg.data, resolve_manifests(cfg.data), CharVocab(), run, cfg.eval, torch.device("cpu"))
+    assert len(list((run / "teacher").glob("*/speech_recognizer.pt"))) == 2
+    assert teacher_file.stat().st_mtime_ns == stamp
 
 
 def test_job_config_errors(corpus, tmp_path):

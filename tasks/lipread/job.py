@@ -145,6 +145,13 @@ def _scores(metrics: dict[str, Any]) -> dict[str, float]:
 # ---------------------------------------------------------------- teacher
 
 
+def teacher_folder(cfg: SpeechTeacherConfig, data: LipreadDataConfig, paths: Manifests, run_dir: Path) -> Path:
+    """`run_dir/teacher/<settings hash>`: one folder per recipe, so a changed teacher never meets old checkpoints."""
+    key = hash_json({"teacher": to_dict(cfg), "audio": to_dict(data.audio), "vocab": data.vocab,
+                     "train": str(paths.train), "size": paths.train.stat().st_size})
+    return run_dir / "teacher" / key
+
+
 def obtain_teacher(cfg: SpeechTeacherConfig, data: LipreadDataConfig, paths: Manifests, vocab: CharVocab,
                    run_dir: Path, eval_cfg, device: torch.device) -> SequenceRecognizer:
     """The teacher recogniser: loaded from `path`, or trained on the training audio (and reused later)."""
@@ -155,10 +162,9 @@ def obtain_teacher(cfg: SpeechTeacherConfig, data: LipreadDataConfig, paths: Man
     from xmodal.losses import build_losses
     from xmodal.teachers.speech import SpeechRecognizer
 
-    folder = run_dir / "teacher"
+    folder = teacher_folder(cfg, data, paths, run_dir)
     model_file = folder / "speech_recognizer.pt"
-    key = hash_json({"teacher": to_dict(cfg), "audio": to_dict(data.audio), "vocab": data.vocab,
-                     "train": str(paths.train), "size": paths.train.stat().st_size})
+    key = folder.name
     marker = folder / "trained.json"
     if model_file.is_file() and marker.is_file() and json.loads(marker.read_text()).get("key") == key:
         log.info("teacher: reusing the recogniser trained earlier in %s", model_file)
@@ -169,6 +175,7 @@ def obtain_teacher(cfg: SpeechTeacherConfig, data: LipreadDataConfig, paths: Man
     if cfg.model.n_mels != data.audio.n_mels:
         raise ConfigError(f"teacher.model.n_mels ({cfg.model.n_mels}) must equal data.audio.n_mels "
                           f"({data.audio.n_mels})")
+    seed_everything(cfg.train.seed)  # the same teacher whatever ran before in this process
     model = SpeechRecognizer(cfg.model)
     _, ctx = uses_context(cfg.losses)
     student = RecognizerModule(model, "audio", context=uses_context(cfg.losses)[0] or ctx)
@@ -211,7 +218,7 @@ def run(cfg: LipreadDistillConfig) -> dict[str, Any]:
     paths = resolve_manifests(cfg.data)
     s_ctx, t_ctx = uses_context(cfg.losses)
 
-    teacher_model = teacher = None
+    teacher_model = teacher = teacher_file = None
     fingerprint = None
     if cfg.teacher is not None:
         teacher_model = obtain_teacher(cfg.teacher, cfg.data, paths, vocab, run_dir, cfg.eval, device)
@@ -221,9 +228,12 @@ def run(cfg: LipreadDistillConfig) -> dict[str, Any]:
         teacher_model.eval().requires_grad_(False)
         teacher = RecognizerModule(teacher_model, "audio", context=t_ctx, frozen=True)
         fingerprint = model_fingerprint(teacher_model, {"audio": to_dict(cfg.data.audio)})
+        teacher_file = Path(cfg.teacher.path) if cfg.teacher.path is not None else (
+            teacher_folder(cfg.teacher, cfg.data, paths, run_dir) / "speech_recognizer.pt")
     elif any(s.name.startswith(("libs", "ctc_kd")) for s in cfg.losses if s.weight):
         raise ConfigError("losses: libs / ctc_kd need a teacher; add a 'teacher' block or drop those losses")
 
+    seed_everything(cfg.train.seed)  # the student's initialisation must not depend on how the teacher was obtained
     student_model = LipReader(cfg.student)
     dim = teacher_model.width if teacher_model is not None else None
     student = RecognizerModule(student_model, "video", dim=dim, projection=cfg.projection, context=s_ctx)
@@ -249,6 +259,7 @@ def run(cfg: LipreadDistillConfig) -> dict[str, Any]:
                     meta={"vocab": vocab.to_dict(), "video": to_dict(cfg.data.video)})
 
     results: dict[str, Any] = {"train_seconds": round(train_seconds, 1),
+                               "teacher_path": None if teacher_file is None else str(teacher_file),
                                "student_params": sum(p.numel() for p in student_model.parameters()),
                                "train": {k: v for k, v in out.items() if isinstance(v, (int, float, str))}}
     test = eval_loader(paths.test, cfg.data, vocab, e.batch_size, video=True, audio=False)
