@@ -83,10 +83,11 @@ def supervised_losses() -> list[dict]:
             {"name": "attention_ce", "weight": 0.7, "params": {"label_smoothing": 0.1}}]
 
 
-def libs_loss(weight: float, levels: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> dict:
+def libs_loss(weight: float, levels: tuple[float, float, float] = (1.0, 1.0, 1.0), aligner: str = "attention",
+              distance: str = "squared") -> dict:
     frame, sequence, context = levels
     return {"name": "libs", "weight": weight,
-            "params": {"aligner": "attention", "frame_weight": frame, "sequence_weight": sequence,
+            "params": {"aligner": aligner, "distance": distance, "frame_weight": frame, "sequence_weight": sequence,
                        "context_weight": context, "filter": "soft", "filter_rate": 2.0}}
 
 
@@ -95,10 +96,11 @@ def ctc_kd_loss(weight: float) -> dict:
 
 
 def variant_losses(variant: str, libs_weight: float, kd_weight: float,
-                   levels: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> list[dict]:
+                   levels: tuple[float, float, float] = (1.0, 1.0, 1.0), aligner: str = "attention",
+                   distance: str = "squared") -> list[dict]:
     losses = supervised_losses()
     if variant in DISTILLED and libs_weight:
-        losses.append(libs_loss(libs_weight, levels))
+        losses.append(libs_loss(libs_weight, levels, aligner, distance))
     if variant in PARTIAL_LABELS and kd_weight:
         losses.append(ctc_kd_loss(kd_weight))
     return losses
@@ -156,6 +158,47 @@ def gain_text(before: list[float], after: list[float]) -> str:
     return f"{statistics.mean(diffs):+.3f} ± {statistics.stdev(diffs):.3f} (lower in {wins}/{len(diffs)} seeds)"
 
 
+# ---------------------------------------------------------------- student runs
+
+
+def run_student(cfg: dict) -> dict:
+    """Train and score one lip reader from a plain config dict (top level, so worker processes can run it)."""
+    import torch
+
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from xmodal.config import JOBS, from_dict
+    from xmodal.plugins import load_plugins
+    from xmodal.tasks.lipread.config import LipreadDistillConfig
+
+    load_plugins()
+    config = from_dict(LipreadDistillConfig, cfg, source=f"bench_lipread {cfg['run_dir']}")
+    return JOBS.get("lipread_distill").run(config)
+
+
+def run_students(configs: list[dict], workers: int, done=None) -> list[dict]:
+    """Every config's results, in order; `workers` one-thread processes side by side (1: in this process)."""
+    if workers <= 1:
+        results = []
+        for i, cfg in enumerate(configs):
+            results.append(run_student(cfg))
+            if done is not None:
+                done(i, results[-1])
+        return results
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    results: list[dict | None] = [None] * len(configs)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(run_student, cfg): i for i, cfg in enumerate(configs)}
+        for fut in as_completed(futures):
+            i = futures[fut]
+            results[i] = fut.result()
+            if done is not None:
+                done(i, results[i])
+    return results
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -185,6 +228,10 @@ def main() -> None:
     ap.add_argument("--libs-weight", type=float, default=0.003, help="weight of libs in (b)")
     ap.add_argument("--libs-levels", type=_levels, default=(1.0, 1.0, 1.0), metavar="F,S,C",
                     help="weights of LIBS's frame, sequence and context levels inside the libs loss")
+    ap.add_argument("--libs-aligner", default="attention", choices=("attention", "time", "ctc", "rate_stack"),
+                    help="how teacher states are aligned to video frames for LIBS's frame level")
+    ap.add_argument("--libs-distance", default="squared", choices=("squared", "mean_squared", "cosine"),
+                    help="LIBS distance: the paper's squared L2, or the scale-invariant 1 − cos")
     ap.add_argument("--kd-weight", type=float, default=1.0, help="weight of ctc_kd in (d)")
     ap.add_argument("--partial-libs-weight", type=float, default=0.003, help="weight of libs in (d)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
@@ -196,6 +243,9 @@ def main() -> None:
     ap.add_argument("--tuning", default=None, metavar="JSON",
                     help="a tune.json written by --tune-libs/--tune-kd, shown in the report "
                          "(default: <out>/tune.json when present)")
+    ap.add_argument("--tune-seeds", type=int, default=1, help="seeds per validation trial (scores are averaged)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="student runs side by side, one thread each (2 on a 2-core machine halves the wall time)")
     ap.add_argument("--quick", action="store_true", help="a tiny corpus and few steps; no report")
     ap.add_argument("--no-report", action="store_true")
     args = ap.parse_args()
@@ -229,7 +279,7 @@ def main() -> None:
     from xmodal.tasks.lipread.job import eval_loader, obtain_teacher, resolve_manifests, teacher_folder
 
     load_plugins()
-    job = JOBS.get("lipread_distill")
+    JOBS.get("lipread_distill")  # fails early when the job is missing
     out = Path(args.out).resolve()
     device = resolve_device("auto")
     t_start = time.perf_counter()
@@ -287,18 +337,19 @@ def main() -> None:
     subsets = out / "manifests"
     subsets.mkdir(parents=True, exist_ok=True)
 
-    def train_student(variant: str, seed: int, libs_weight: float, kd_weight: float, *, tag: str = "",
-                      val: bool = False) -> dict:
-        """One lip reader from scratch in a fresh run folder; the job's results (val scores when `val`)."""
+    def student_config(variant: str, seed: int, libs_weight: float, kd_weight: float, *, tag: str = "",
+                       val: bool = False) -> dict:
+        """The job config of one lip reader from scratch in a fresh run folder (val scores when `val`)."""
         lab, part, _, _ = label_subsets(paths.train, args.label_fraction, seed, subsets)
         run_dir = out / "runs" / f"{variant}_seed{seed}{tag}"
         if run_dir.exists():
             shutil.rmtree(run_dir)  # every number comes from a fresh run
         train_manifest = (str(lab) if variant in LABELLED_ONLY else str(part) if variant in PARTIAL_LABELS
                           else "train.jsonl")
-        losses = variant_losses(variant, libs_weight, kd_weight, args.libs_levels)
+        losses = variant_losses(variant, libs_weight, kd_weight, args.libs_levels, args.libs_aligner,
+                                args.libs_distance)
         distilled = len(losses) > len(supervised_losses())
-        cfg = from_dict(LipreadDistillConfig, {
+        cfg = {
             "run_dir": str(run_dir),
             "data": {**data, "train": train_manifest, "val": "val.jsonl" if val else None},
             "teacher": {"path": str(teacher_file)} if distilled else None,
@@ -307,8 +358,9 @@ def main() -> None:
             "losses": losses,
             "train": train_block(args.steps, seed, args.batch_size, args.lr),
             "eval": eval_block,
-        }, source=f"bench_lipread {variant}")
-        return job.run(cfg)
+        }
+        from_dict(LipreadDistillConfig, cfg, source=f"bench_lipread {variant}")  # config errors surface here
+        return cfg
 
     if args.tune_libs or args.tune_kd:
         # Loss weights are chosen on the validation speaker(s), seed 0, never on the test speakers.
@@ -316,15 +368,22 @@ def main() -> None:
         trials += [("distill20" if w or args.partial_libs_weight else "sup20", args.partial_libs_weight, w)
                    for w in args.tune_kd]
         tuned = []
-        levels = "-".join(f"{x:g}" for x in args.libs_levels)
-        for variant, lw, kw in trials:
-            res = train_student(variant, 0, lw, kw, tag=f"_tune_libs{lw:g}_{levels}_kd{kw:g}", val=True)
+        levels = "-".join(f"{x:g}" for x in args.libs_levels) + f"_{args.libs_aligner}_{args.libs_distance}"
+        seeds = range(args.tune_seeds)
+        configs = [student_config(variant, seed, lw, kw, tag=f"_tune_libs{lw:g}_{levels}_kd{kw:g}", val=True)
+                   for variant, lw, kw in trials for seed in seeds]
+        results = run_students(configs, args.workers)
+        for t, (variant, lw, kw) in enumerate(trials):
+            per_seed = results[t * len(seeds):(t + 1) * len(seeds)]
+            cer = [res["train"]["eval/cer"] for res in per_seed]
+            wer = [res["train"]["eval/wer"] for res in per_seed]
             r = {"variant": variant, "teacher_data": args.teacher_data, "teacher": teacher_id, "steps": args.steps,
-                 "libs_weight": lw,
-                 "libs_levels": args.libs_levels, "kd_weight": kw,
-                 "val_cer": res["train"]["eval/cer"], "val_wer": res["train"]["eval/wer"]}
+                 "libs_weight": lw, "libs_aligner": args.libs_aligner, "libs_distance": args.libs_distance,
+                 "libs_levels": args.libs_levels, "kd_weight": kw, "seeds": len(seeds),
+                 "val_cer": statistics.mean(cer), "val_wer": statistics.mean(wer), "val_cer_seeds": cer}
             tuned.append(r)
-            print(f"tune {variant} libs×{lw:g} levels {args.libs_levels} kd×{kw:g}: "
+            print(f"tune {variant} libs×{lw:g} levels {args.libs_levels} {args.libs_aligner} {args.libs_distance} "
+                  f"kd×{kw:g}: "
                   f"val CER {r['val_cer']:.3f} WER {r['val_wer']:.3f}", flush=True)
         from xmodal.io import atomic_write_json
 
@@ -338,18 +397,22 @@ def main() -> None:
     rows: dict[str, list[dict]] = {v: [] for v in variants}
     student_params = 0
     t_students = time.perf_counter()
-    for seed in range(args.seeds):
-        _, _, n_labelled, n_train = label_subsets(paths.train, args.label_fraction, seed, subsets)
-        for variant in variants:
-            lw = args.partial_libs_weight if variant in PARTIAL_LABELS else args.libs_weight
-            res = train_student(variant, seed, lw, args.kd_weight)
-            student_params = res["student_params"]
-            s = res["student"]
-            rows[variant].append({"cer": s["cer"], "wer": s["wer"], "seconds": res["train_seconds"],
-                                  "loss": res["train"].get("loss")})
-            print(f"seed {seed} {variant:>9}: CER {s['cer']:.3f} WER {s['wer']:.3f} "
-                  f"({res['train_seconds']:.0f} s, final loss {res['train'].get('loss', float('nan')):.3f})",
-                  flush=True)
+    plan = [(seed, variant) for seed in range(args.seeds) for variant in variants]
+    _, _, n_labelled, n_train = label_subsets(paths.train, args.label_fraction, 0, subsets)
+    configs = [student_config(variant, seed, args.partial_libs_weight if variant in PARTIAL_LABELS
+                              else args.libs_weight, args.kd_weight) for seed, variant in plan]
+
+    def report_run(i: int, res: dict) -> None:
+        seed, variant = plan[i]
+        s = res["student"]
+        print(f"seed {seed} {variant:>9}: CER {s['cer']:.3f} WER {s['wer']:.3f} "
+              f"({res['train_seconds']:.0f} s, final loss {res['train'].get('loss', float('nan')):.3f})", flush=True)
+
+    for (_, variant), res in zip(plan, run_students(configs, args.workers, report_run)):
+        student_params = res["student_params"]
+        s = res["student"]
+        rows[variant].append({"cer": s["cer"], "wer": s["wer"], "seconds": res["train_seconds"],
+                              "loss": res["train"].get("loss")})
     students_seconds = time.perf_counter() - t_students
     elapsed = time.perf_counter() - t_start
     atomic_results = {"teacher": {k: {m: v[m] for m in ("cer", "wer", "num_utterances")}
@@ -392,7 +455,8 @@ def main() -> None:
         f"Every student: {args.steps} AdamW steps of batch {args.batch_size}, lr {args.lr:g} (warmup + cosine), "
         f"fp32, `torch.set_num_threads(1)`; the seed sets initialisation, data order and the labelled subset; "
         f"nothing else differs between (a)–(d). Supervised terms: 0.3·`ctc` + 0.7·`attention_ce`. "
-        f"(b) adds `libs` × {args.libs_weight:g} ({libs_txt} levels, attention aligner, soft teacher filtering "
+        f"(b) adds `libs` × {args.libs_weight:g} ({libs_txt} levels, {args.libs_aligner} aligner, "
+        f"{args.libs_distance} distance, soft teacher filtering "
         f"exp(−2·CER)). Partial labels: {n_labelled} of {n_train} training utterances keep their transcript "
         f"({args.label_fraction:.0%} of each speaker); (c) trains on those alone, (d) on all {n_train} videos "
         f"with {' and '.join(d_terms) or 'no distillation term'} (`ctc_kd`: the teacher's greedy transcript as "
@@ -413,7 +477,9 @@ def main() -> None:
 
     def used(r: dict) -> bool:
         """Whether a validation trial ran the settings of this protocol."""
-        levels_used = tuple(r.get("libs_levels") or (1.0, 1.0, 1.0)) == tuple(args.libs_levels)
+        levels_used = (tuple(r.get("libs_levels") or (1.0, 1.0, 1.0)) == tuple(args.libs_levels)
+                       and r.get("libs_aligner", "attention") == args.libs_aligner
+                       and r.get("libs_distance", "squared") == args.libs_distance)
         if r["variant"] == "libs":
             return r["libs_weight"] == args.libs_weight and levels_used
         if r["variant"] == "distill20":
@@ -435,11 +501,13 @@ def main() -> None:
         lines += ["", f"Loss weights were chosen on the validation speaker ({counts['val']} utterances; seed 0; "
                   f"{'/'.join(map(str, steps))} steps, otherwise as above), never on the test speakers "
                   "(`--tune-libs` / `--tune-kd`; ← marks the settings used above):", "",
-                  "| run (validation speaker) | libs weight (frame, sequence, context) | ctc_kd weight | CER | WER |",
+                  "| run (validation speaker) | libs weight (frame, sequence, context), aligner, distance | "
+                  "ctc_kd weight | CER | WER |",
                   "|---|---|---:|---:|---:|"]
         for r in tuning:
             lv = ", ".join(f"{x:g}" for x in r.get("libs_levels") or (1, 1, 1))
-            libs = f"{r['libs_weight']:g} ({lv})" if r["libs_weight"] else "–"
+            libs = (f"{r['libs_weight']:g} ({lv}), {r.get('libs_aligner', 'attention')}, "
+                    f"{r.get('libs_distance', 'squared')}" if r["libs_weight"] else "–")
             kd = f"{r['kd_weight']:g}" if r["variant"] in PARTIAL_LABELS and r["kd_weight"] else "–"
             lines.append(f"| {VARIANTS.get(r['variant'], r['variant'])}{' ←' if used(r) else ''} | {libs} | {kd} | "
                          f"{r['val_cer']:.3f} | {r['val_wer']:.3f} |")

@@ -124,6 +124,48 @@ def test_libs_total_is_weighted_sum_of_parts():
         build_losses([{"name": "libs", "params": {"frame_wieght": 1.0}}])
 
 
+def test_distance_options_match_direct_computation_and_cosine_is_scale_invariant():
+    student, teacher = make(6)
+    s, t = student.pooled, teacher.pooled
+    d = s.shape[-1]
+    direct = {
+        "squared": ((s - t) ** 2).sum(-1).mean(),
+        "mean_squared": ((s - t) ** 2).sum(-1).mean() / d,
+        "cosine": (1 - (s * t).sum(-1) / (s.norm(dim=-1) * t.norm(dim=-1))).mean(),
+    }
+    for kind, expected in direct.items():
+        out = LOSSES.build("libs_sequence", distance=kind)({"video": student}, {"audio": teacher})
+        assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5), kind
+    # frame level, cosine: per real frame 1 − cos(ã_j, s_j), with ã from the rate-stack aligner
+    teacher8 = feats(torch.randn(3, 8, 4), [8, 6, 4])
+    aligned = rate_stack(teacher8.tokens, teacher8.mask, student.mask)
+    cos = torch.nn.functional.cosine_similarity(aligned.values, student.tokens, dim=-1)
+    per = [(1 - cos[b, : int(student.mask[b].sum())]).mean() for b in range(3)]
+    frame = LOSSES.build("libs_frame", aligner="rate_stack", distance="cosine")
+    assert frame({"video": student}, {"audio": teacher8}).loss.item() == pytest.approx(
+        torch.stack(per).mean().item(), rel=1e-5)
+    # scaling the teacher's states by 100 changes nothing; the student at any positive multiple of the teacher
+    # scores zero; gradients still reach the student only
+    big = Features(pooled=teacher.pooled * 100, tokens=teacher.tokens * 100, mask=teacher.mask)
+    for name in ("libs_sequence", "libs_frame"):
+        loss = LOSSES.build(name, distance="cosine", **({"aligner": "rate_stack"} if name == "libs_frame" else {}))
+        a = loss({"video": student}, {"audio": teacher8 if name == "libs_frame" else teacher}).loss
+        b = loss({"video": student}, {"audio": Features(pooled=teacher8.pooled * 100, tokens=teacher8.tokens * 100,
+                                                        mask=teacher8.mask) if name == "libs_frame" else big}).loss
+        assert a.item() == pytest.approx(b.item(), rel=1e-5)
+    same = feats((aligned.values * 3).detach().requires_grad_(True), [4, 3, 2])
+    zero = LOSSES.build("libs_frame", aligner="rate_stack", distance="cosine")({"video": same}, {"audio": teacher8})
+    assert zero.loss.item() == pytest.approx(0.0, abs=1e-6)
+    total = LOSSES.build("libs", aligner="rate_stack", context_weight=0, distance="cosine")(
+        {"video": student}, {"audio": teacher8})
+    total.loss.backward()
+    assert student.tokens.grad.abs().sum() > 0 and teacher8.tokens.grad is None
+    seq = LOSSES.build("libs_sequence", distance="cosine")({"video": student}, {"audio": teacher8})
+    assert total.parts["sequence"].item() == pytest.approx(seq.loss.item())
+    with pytest.raises(ConfigError, match="LIBS distance must be"):
+        LOSSES.build("libs", distance="l1")
+
+
 # ---------------------------------------------------------------- teacher filtering
 
 

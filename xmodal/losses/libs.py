@@ -11,9 +11,12 @@ Keys read from the aligned outputs (all in the alignment space, so widths match)
 
 Formulas (design.md): frame `mean_j ‖ã_j − P(h^v_j)‖²` over real video frames with ã from an aligner
 (LIBS attention by default); sequence `‖P(s^v) − s^a‖²`; context: the frame formula on decoder states.
-‖·‖² is the squared L2 norm over the feature dimension. Teacher values are detached: gradients reach the
-student only. Per-sample values are averaged with `batch["sample_weight"]` when present, times the
-filter's weights when the loss's own `filter` is set.
+‖·‖² is the squared L2 norm over the feature dimension (`distance: squared`, the paper's). Two alternatives,
+chosen by `distance`: `mean_squared` divides by the width D (the same direction, a weight that does not grow with
+D), and `cosine` uses 1 − cos(a, b) = ½‖a/‖a‖ − b/‖b‖‖², scale-invariant, so the term stays in [0, 2] whatever
+the norm of the teacher's states and cannot be lowered by shrinking or inflating the student's. Teacher values
+are detached: gradients reach the student only. Per-sample values are averaged with `batch["sample_weight"]`
+when present, times the filter's weights when the loss's own `filter` is set.
 
 Teacher filtering (`TeacherFilter`): the teacher's CER on each labelled sample (greedy CTC transcript from
 its logits against `batch["targets"]`, or `batch["teacher_cer"]` when given) either drops the sample from
@@ -37,6 +40,18 @@ from xmodal.losses.base import DistillLoss, LossOutput, Outputs, register_loss, 
 from xmodal.seqalign import ALIGNERS, IGNORE_ID, ctc_greedy, target_lengths
 
 FilterMode = Literal["none", "hard", "soft"]
+Distance = Literal["squared", "mean_squared", "cosine"]
+
+
+def feature_distance(a: Tensor, b: Tensor, kind: Distance = "squared") -> Tensor:
+    """Distance between feature vectors along the last dimension: ‖a−b‖², ‖a−b‖²/D or 1 − cos(a, b)."""
+    if kind == "squared":
+        return (a - b).pow(2).sum(-1)
+    if kind == "mean_squared":
+        return (a - b).pow(2).mean(-1)
+    if kind == "cosine":
+        return 1.0 - torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-6)
+    raise ConfigError(f"LIBS distance must be 'squared', 'mean_squared' or 'cosine', got '{kind}'")
 
 
 # ---------------------------------------------------------------- teacher filtering
@@ -125,10 +140,13 @@ class _LibsLoss(DistillLoss):
         max_cer: float = 0.3,
         filter_rate: float = 2.0,
         blank: int = 0,
+        distance: Distance = "squared",
     ):
         super().__init__()
+        feature_distance(torch.zeros(1), torch.zeros(1), distance)  # a bad name fails when the config is built
         self.student_modality = student_modality
         self.teacher_modality = teacher_modality
+        self.distance = distance
         self.filter = None if filter == "none" else TeacherFilter(filter, max_cer, filter_rate, blank)
 
     def filtered(self, teacher: Outputs | None, batch: Mapping | None) -> tuple[Mapping | None, dict[str, Tensor]]:
@@ -146,8 +164,8 @@ class _LibsLoss(DistillLoss):
         return LossOutput(sample_weighted_mean(self.per_sample(student, teacher), batch), parts)
 
 
-def aligned_frame_distance(fs: Features, ft: Features, aligner, name: str) -> Tensor:
-    """mean over real student frames of ‖ã_j − s_j‖² with ã the aligned (detached) teacher tokens → [B]."""
+def aligned_frame_distance(fs: Features, ft: Features, aligner, name: str, distance: Distance = "squared") -> Tensor:
+    """mean over real student frames of d(ã_j, s_j) with ã the aligned (detached) teacher tokens → [B]."""
     if fs.tokens is None or ft.tokens is None:
         raise ValueError(f"loss '{name}' needs token features from both the student and the teacher")
     ft = ft.detach().float()
@@ -158,7 +176,7 @@ def aligned_frame_distance(fs: Features, ft: Features, aligner, name: str) -> Te
             f"loss '{name}': aligned teacher tokens {list(aligned.values.shape)} vs student tokens "
             f"{list(fs.tokens.shape)}; project both into the alignment space (same width)"
         )
-    d = (aligned.values - fs.tokens).pow(2).sum(-1)
+    d = feature_distance(fs.tokens, aligned.values, distance)
     m = (aligned.mask & fs.mask).to(d.dtype)
     return (d * m).sum(1) / m.sum(1).clamp_min(1.0)
 
@@ -177,19 +195,20 @@ class LibsFrame(_LibsLoss):
         max_cer: float = 0.3,
         filter_rate: float = 2.0,
         blank: int = 0,
+        distance: Distance = "squared",
     ):
-        super().__init__(student_modality, teacher_modality, filter, max_cer, filter_rate, blank)
+        super().__init__(student_modality, teacher_modality, filter, max_cer, filter_rate, blank, distance)
         self.aligner = ALIGNERS.build(aligner, **(aligner_params or {}))
 
     def per_sample(self, student: Outputs, teacher: Outputs | None) -> Tensor:
         fs = self.pick(student, self.student_modality, "student")
         ft = self.pick(teacher, self.teacher_modality, "teacher")
-        return aligned_frame_distance(fs, ft, self.aligner, self.name)
+        return aligned_frame_distance(fs, ft, self.aligner, self.name, self.distance)
 
 
 @register_loss("libs_sequence")
 class LibsSequence(_LibsLoss):
-    """Sequence level: ‖P(s^v) − s^a‖² on the pooled summaries."""
+    """Sequence level: ‖P(s^v) − s^a‖² (or the chosen `distance`) on the pooled summaries."""
 
     def per_sample(self, student: Outputs, teacher: Outputs | None) -> Tensor:
         s = self.pick(student, self.student_modality, "student").pooled.float()
@@ -199,7 +218,7 @@ class LibsSequence(_LibsLoss):
                 f"loss '{self.name}': student pooled {list(s.shape)} vs teacher {list(t.shape)}; "
                 "project both into the alignment space"
             )
-        return (s - t).pow(2).sum(-1)
+        return feature_distance(s, t, self.distance)
 
 
 @register_loss("libs_context")
@@ -218,15 +237,16 @@ class LibsContext(_LibsLoss):
         max_cer: float = 0.3,
         filter_rate: float = 2.0,
         blank: int = 0,
+        distance: Distance = "squared",
     ):
-        super().__init__(student_modality, teacher_modality, filter, max_cer, filter_rate, blank)
+        super().__init__(student_modality, teacher_modality, filter, max_cer, filter_rate, blank, distance)
         self.student_key, self.teacher_key = student_key, teacher_key
         self.aligner = ALIGNERS.build(aligner, **(aligner_params or {}))
 
     def per_sample(self, student: Outputs, teacher: Outputs | None) -> Tensor:
         fs = self.pick(student, self.student_key, "student")
         ft = self.pick(teacher, self.teacher_key, "teacher")
-        return aligned_frame_distance(fs, ft, self.aligner, self.name)
+        return aligned_frame_distance(fs, ft, self.aligner, self.name, self.distance)
 
 
 @register_loss("libs")
@@ -249,9 +269,10 @@ class Libs(_LibsLoss):
         max_cer: float = 0.3,
         filter_rate: float = 2.0,
         blank: int = 0,
+        distance: Distance = "squared",
     ):
-        super().__init__(student_modality, teacher_modality, filter, max_cer, filter_rate, blank)
-        mods = dict(student_modality=self.student_modality, teacher_modality=self.teacher_modality)
+        super().__init__(student_modality, teacher_modality, filter, max_cer, filter_rate, blank, distance)
+        mods = dict(student_modality=self.student_modality, teacher_modality=self.teacher_modality, distance=distance)
         self.weights = {"frame": frame_weight, "sequence": sequence_weight, "context": context_weight}
         self.terms = {
             "frame": LibsFrame(aligner, aligner_params, **mods),
