@@ -91,16 +91,19 @@ def libs_loss(weight: float, levels: tuple[float, float, float] = (1.0, 1.0, 1.0
                        "context_weight": context, "filter": "soft", "filter_rate": 2.0}}
 
 
-def ctc_kd_loss(weight: float) -> dict:
-    return {"name": "ctc_kd", "weight": weight, "params": {"ctc_weight": 1.0, "kl_weight": 1.0, "aligner": "time"}}
+def ctc_kd_loss(weight: float, ctc_weight: float = 1.0) -> dict:
+    return {"name": "ctc_kd", "weight": weight,
+            "params": {"ctc_weight": ctc_weight, "kl_weight": 1.0, "aligner": "time"}}
 
 
 def variant_losses(variant: str, libs_weight: float, kd_weight: float,
                    levels: tuple[float, float, float] = (1.0, 1.0, 1.0), aligner: str = "attention",
-                   distance: str = "squared") -> list[dict]:
+                   distance: str = "squared", full_kl_weight: float = 0.0) -> list[dict]:
     losses = supervised_losses()
     if variant in DISTILLED and libs_weight:
         losses.append(libs_loss(libs_weight, levels, aligner, distance))
+    if variant == "libs" and full_kl_weight:  # frame-wise KL to the teacher's posteriors; transcripts are all there
+        losses.append(ctc_kd_loss(full_kl_weight, ctc_weight=0.0))
     if variant in PARTIAL_LABELS and kd_weight:
         losses.append(ctc_kd_loss(kd_weight))
     return losses
@@ -232,6 +235,8 @@ def main() -> None:
                     help="how teacher states are aligned to video frames for LIBS's frame level")
     ap.add_argument("--libs-distance", default="squared", choices=("squared", "mean_squared", "cosine"),
                     help="LIBS distance: the paper's squared L2, or the scale-invariant 1 − cos")
+    ap.add_argument("--full-kl-weight", type=float, default=0.0,
+                    help="add frame-wise KL to the teacher's CTC posteriors (ctc_kd without its CTC term) to (b)")
     ap.add_argument("--kd-weight", type=float, default=1.0, help="weight of ctc_kd in (d)")
     ap.add_argument("--partial-libs-weight", type=float, default=0.003, help="weight of libs in (d)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
@@ -347,7 +352,7 @@ def main() -> None:
         train_manifest = (str(lab) if variant in LABELLED_ONLY else str(part) if variant in PARTIAL_LABELS
                           else "train.jsonl")
         losses = variant_losses(variant, libs_weight, kd_weight, args.libs_levels, args.libs_aligner,
-                                args.libs_distance)
+                                args.libs_distance, args.full_kl_weight)
         distilled = len(losses) > len(supervised_losses())
         cfg = {
             "run_dir": str(run_dir),
@@ -364,11 +369,12 @@ def main() -> None:
 
     if args.tune_libs or args.tune_kd:
         # Loss weights are chosen on the validation speaker(s), seed 0, never on the test speakers.
-        trials = [("libs" if w else "sup", w, 0.0) for w in args.tune_libs]
+        trials = [("libs" if w or args.full_kl_weight else "sup", w, 0.0) for w in args.tune_libs]
         trials += [("distill20" if w or args.partial_libs_weight else "sup20", args.partial_libs_weight, w)
                    for w in args.tune_kd]
         tuned = []
-        levels = "-".join(f"{x:g}" for x in args.libs_levels) + f"_{args.libs_aligner}_{args.libs_distance}"
+        levels = "-".join(f"{x:g}" for x in args.libs_levels)
+        levels += f"_{args.libs_aligner}_{args.libs_distance}_kl{args.full_kl_weight:g}"
         seeds = range(args.tune_seeds)
         configs = [student_config(variant, seed, lw, kw, tag=f"_tune_libs{lw:g}_{levels}_kd{kw:g}", val=True)
                    for variant, lw, kw in trials for seed in seeds]
@@ -380,10 +386,11 @@ def main() -> None:
             r = {"variant": variant, "teacher_data": args.teacher_data, "teacher": teacher_id, "steps": args.steps,
                  "libs_weight": lw, "libs_aligner": args.libs_aligner, "libs_distance": args.libs_distance,
                  "libs_levels": args.libs_levels, "kd_weight": kw, "seeds": len(seeds),
+                 "full_kl_weight": args.full_kl_weight if variant == "libs" else 0.0,
                  "val_cer": statistics.mean(cer), "val_wer": statistics.mean(wer), "val_cer_seeds": cer}
             tuned.append(r)
             print(f"tune {variant} libs×{lw:g} levels {args.libs_levels} {args.libs_aligner} {args.libs_distance} "
-                  f"kd×{kw:g}: "
+                  f"kd×{kw:g} full-kl×{r['full_kl_weight']:g}: seeds {[round(c, 3) for c in cer]} "
                   f"val CER {r['val_cer']:.3f} WER {r['val_wer']:.3f}", flush=True)
         from xmodal.io import atomic_write_json
 

@@ -131,3 +131,52 @@ def test_job_config_errors(corpus, tmp_path):
     torch.save({"weights": 1}, tmp_path / "odd.pt")
     with pytest.raises(CheckpointError, match="neither a recogniser model file"):
         load_for_eval(tmp_path / "odd.pt")
+
+
+def test_cached_teacher_matches_online_teacher(corpus, tmp_path, monkeypatch):
+    """`xmodal cache` on a lipread config stores the teacher's outputs; training then reads them (no audio) and
+    takes the same first step as with the teacher online; a cache of another teacher setup is refused."""
+    import yaml
+
+    def first_loss(run):
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return next(r for r in records if "loss" in r)
+
+    one_step = dict(steps=1, batch_size=3, lr=1e-3, warmup_steps=0, log_every=1, eval_every=0, ckpt_every=0)
+    base = job_config(corpus, tmp_path / "online", train=one_step)
+    base["losses"][2]["params"]["max_cer"] = 0.5  # the filter drops some samples: the cached logits must agree
+    cfg_path = tmp_path / "lip.yaml"
+    cfg_path.write_text(yaml.safe_dump({"job": "lipread_distill", **base}))
+    assert main(["distill", str(cfg_path)]) == 0
+    cache = tmp_path / "teacher_cache"
+    assert main(["cache", str(cfg_path), "--out", str(cache), "--dtype", "float32", "--no-progress"]) == 0
+    assert json.loads((cache / "manifest.json").read_text())["complete"]
+
+    cached = {**base, "run_dir": str(tmp_path / "cached"), "teacher": {**base["teacher"], "cache": str(cache)}}
+    cached["teacher"]["model"] = base["teacher"]["model"]
+    # the teacher folder holds the trained teacher; the cached run reuses it from its own run folder
+    import shutil
+
+    shutil.copytree(tmp_path / "online" / "teacher", tmp_path / "cached" / "teacher")
+    cached["data"] = {**base["data"], "val": None, "test": None}  # scoring would read audio; training must not
+    cfg_path.write_text(yaml.safe_dump({"job": "lipread_distill", **cached}))
+    import xmodal.data.av
+
+    def no_audio(path, *args, **kwargs):
+        raise AssertionError(f"audio {path} was read although the teacher's outputs are cached")
+
+    with monkeypatch.context() as m:
+        m.setattr(xmodal.data.av, "load_audio", no_audio)
+        assert main(["distill", str(cfg_path)]) == 0
+    online, offline = first_loss(tmp_path / "online"), first_loss(tmp_path / "cached")
+    for key in ("loss", "loss/libs", "loss/libs/accept_rate", "loss/ctc_kd/kl", "loss/ctc_kd/ctc"):
+        assert offline[key] == pytest.approx(online[key], rel=1e-4, abs=1e-6), key
+
+    # without the context level the teacher setup differs: the cache (built with context) is refused
+    no_ctx = {**cached, "run_dir": str(tmp_path / "no_ctx")}
+    no_ctx["losses"] = [dict(s) for s in cached["losses"]]
+    no_ctx["losses"][2] = {**no_ctx["losses"][2], "params": {**no_ctx["losses"][2]["params"], "context_weight": 0.0}}
+    shutil.copytree(tmp_path / "online" / "teacher", tmp_path / "no_ctx" / "teacher")
+    cfg_path.write_text(yaml.safe_dump({"job": "lipread_distill", **no_ctx}))
+    assert main(["distill", str(cfg_path)]) == 2
+    assert not Path(tmp_path / "no_ctx" / "lipreader.pt").exists()

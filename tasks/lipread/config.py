@@ -50,6 +50,7 @@ class SpeechTeacherConfig:
     model: SpeechRecognizerConfig | None = None
     train: TrainConfig | None = None
     losses: list[LossSpec] = field(default_factory=_default_teacher_losses)
+    cache: str | None = None  # a teacher-cache folder written by `xmodal cache CONFIG`: no audio, no teacher forward
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.model is None):

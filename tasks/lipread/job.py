@@ -28,6 +28,7 @@ from xmodal.alignment import AlignmentSpace
 from xmodal.config import LossSpec, register_job, to_dict
 from xmodal.data.vocab import CharVocab
 from xmodal.device import resolve_device, seed_everything
+from xmodal.engine.cache import CacheSource, register_cache_source
 from xmodal.errors import ConfigError
 from xmodal.features import Features
 from xmodal.fingerprint import hash_json, model_fingerprint
@@ -145,9 +146,14 @@ def _scores(metrics: dict[str, Any]) -> dict[str, float]:
 # ---------------------------------------------------------------- teacher
 
 
+def teacher_recipe(cfg: SpeechTeacherConfig) -> dict:
+    """The settings that make the teacher what it is (where its outputs are cached is not one of them)."""
+    return {k: v for k, v in to_dict(cfg).items() if k != "cache"}
+
+
 def teacher_folder(cfg: SpeechTeacherConfig, data: LipreadDataConfig, paths: Manifests, run_dir: Path) -> Path:
     """`run_dir/teacher/<settings hash>`: one folder per recipe, so a changed teacher never meets old checkpoints."""
-    key = hash_json({"teacher": to_dict(cfg), "audio": to_dict(data.audio), "vocab": data.vocab,
+    key = hash_json({"teacher": teacher_recipe(cfg), "audio": to_dict(data.audio), "vocab": data.vocab,
                      "train": str(paths.train), "size": paths.train.stat().st_size})
     return run_dir / "teacher" / key
 
@@ -163,6 +169,7 @@ def obtain_teacher(cfg: SpeechTeacherConfig, data: LipreadDataConfig, paths: Man
     from xmodal.teachers.speech import SpeechRecognizer
 
     folder = teacher_folder(cfg, data, paths, run_dir)
+    recipe = teacher_recipe(cfg)
     model_file = folder / "speech_recognizer.pt"
     key = folder.name
     marker = folder / "trained.json"
@@ -189,10 +196,36 @@ def obtain_teacher(cfg: SpeechTeacherConfig, data: LipreadDataConfig, paths: Man
     log.info("teacher: training a %s-parameter speech recogniser for %d steps",
              f"{sum(p.numel() for p in model.parameters()):,}", cfg.train.steps)
     Distiller(student, build_losses(cfg.losses), train_ds, cfg.train, folder, evaluator=evaluator,
-              config={"teacher": to_dict(cfg), "audio": to_dict(data.audio)}, collate_fn=collate_av).fit()
+              config={"teacher": recipe, "audio": to_dict(data.audio)}, collate_fn=collate_av).fit()
     save_recognizer(model, model_file, meta={"vocab": vocab.to_dict(), "audio": to_dict(data.audio)})
     atomic_write_json(marker, {"key": key, "model": str(model_file)})
     return model.eval()
+
+
+def teacher_fingerprint(model: SequenceRecognizer, cfg: LipreadDistillConfig) -> str:
+    """The teacher's identity for checkpoints and caches: weights, audio features and whether context is used."""
+    return model_fingerprint(model, {"audio": to_dict(cfg.data.audio), "context": uses_context(cfg.losses)[1]})
+
+
+@register_cache_source("lipread_distill")
+def cache_source(cfg: LipreadDistillConfig) -> CacheSource:
+    """`xmodal cache CONFIG`: the teacher's states, CTC logits and decoder context per training utterance.
+
+    Audio is never augmented, so one pass holds every epoch's teacher outputs; set `teacher.cache` to use them.
+    """
+    if cfg.teacher is None:
+        raise ConfigError("xmodal cache: this config has no 'teacher' block, so there is no teacher to cache")
+    device = resolve_device(cfg.train.device)
+    vocab = CharVocab(cfg.data.vocab)
+    paths = resolve_manifests(cfg.data)
+    model = obtain_teacher(cfg.teacher, cfg.data, paths, vocab, Path(cfg.run_dir), cfg.eval, device)
+    model.eval().requires_grad_(False)
+    teacher = RecognizerModule(model, "audio", context=uses_context(cfg.losses)[1], frozen=True)
+    dataset = av_dataset(paths.train, cfg.data, vocab, video=False, audio=True, train=False)
+    from xmodal.data.av import collate_av
+
+    return CacheSource(teacher, dataset, teacher_fingerprint(model, cfg), collate_fn=collate_av,
+                       batch_size=cfg.train.batch_size, out_dir=cfg.teacher.cache, meta={"data": str(paths.train)})
 
 
 # ---------------------------------------------------------------- the job
@@ -227,7 +260,7 @@ def run(cfg: LipreadDistillConfig) -> dict[str, Any]:
                               f"{len(vocab)}; teacher and student must share the vocabulary")
         teacher_model.eval().requires_grad_(False)
         teacher = RecognizerModule(teacher_model, "audio", context=t_ctx, frozen=True)
-        fingerprint = model_fingerprint(teacher_model, {"audio": to_dict(cfg.data.audio)})
+        fingerprint = teacher_fingerprint(teacher_model, cfg)
         teacher_file = Path(cfg.teacher.path) if cfg.teacher.path is not None else (
             teacher_folder(cfg.teacher, cfg.data, paths, run_dir) / "speech_recognizer.pt")
     elif any(s.name.startswith(("libs", "ctc_kd")) for s in cfg.losses if s.weight):
@@ -237,8 +270,11 @@ def run(cfg: LipreadDistillConfig) -> dict[str, Any]:
     student_model = LipReader(cfg.student)
     dim = teacher_model.width if teacher_model is not None else None
     student = RecognizerModule(student_model, "video", dim=dim, projection=cfg.projection, context=s_ctx)
-    train_ds = av_dataset(paths.train, cfg.data, vocab, video=True, audio=teacher is not None, train=True,
-                          seed=cfg.train.seed)
+    cache = cfg.teacher.cache if cfg.teacher is not None else None
+    if cache is not None:
+        log.info("teacher: reading its outputs from the cache %s (no audio is loaded)", cache)
+    train_ds = av_dataset(paths.train, cfg.data, vocab, video=True, audio=teacher is not None and cache is None,
+                          train=True, seed=cfg.train.seed)
     e = cfg.eval
     val = eval_loader(paths.val, cfg.data, vocab, e.batch_size, video=True, audio=False)
     options = {"beam_size": e.beam_size} if e.decoder == "beam" else (
@@ -251,7 +287,8 @@ def run(cfg: LipreadDistillConfig) -> dict[str, Any]:
     log.info("student: %s-parameter lip reader; losses: %s", f"{sum(p.numel() for p in student_model.parameters()):,}",
              ", ".join(f"{s.label or s.name}×{s.weight:g}" for s in cfg.losses))
     start = time.perf_counter()
-    out = Distiller(student, build_losses(cfg.losses), train_ds, cfg.train, run_dir, teacher=teacher,
+    out = Distiller(student, build_losses(cfg.losses), train_ds, cfg.train, run_dir,
+                    teacher=cache if cache is not None else teacher,
                     evaluator=evaluator, config=cfg, teacher_fingerprint=fingerprint, resume=cfg.resume,
                     collate_fn=collate_av).fit()
     train_seconds = time.perf_counter() - start
