@@ -55,11 +55,11 @@ def corpus_settings(quick: bool) -> dict:
     return dict(speakers=10, utterances=40, roi_size=32, test_fraction=0.2)
 
 
-def teacher_corpus_settings(quick: bool) -> dict:
+def teacher_corpus_settings(quick: bool, speakers: int, utterances: int) -> dict:
     """The speech teacher's own training corpus (used with --teacher-data separate)."""
     if quick:
         return dict(speakers=4, utterances=15, roi_size=32)
-    return dict(speakers=10, utterances=30, roi_size=32)
+    return dict(speakers=speakers, utterances=utterances, roi_size=32)
 
 
 def teacher_model() -> dict:
@@ -84,10 +84,11 @@ def supervised_losses() -> list[dict]:
 
 
 def libs_loss(weight: float, levels: tuple[float, float, float] = (1.0, 1.0, 1.0), aligner: str = "attention",
-              distance: str = "squared") -> dict:
+              distance: str = "squared", context_aligner: str = "attention") -> dict:
     frame, sequence, context = levels
     return {"name": "libs", "weight": weight,
-            "params": {"aligner": aligner, "distance": distance, "frame_weight": frame, "sequence_weight": sequence,
+            "params": {"aligner": aligner, "context_aligner": context_aligner, "distance": distance,
+                       "frame_weight": frame, "sequence_weight": sequence,
                        "context_weight": context, "filter": "soft", "filter_rate": 2.0}}
 
 
@@ -98,10 +99,11 @@ def ctc_kd_loss(weight: float, ctc_weight: float = 1.0) -> dict:
 
 def variant_losses(variant: str, libs_weight: float, kd_weight: float,
                    levels: tuple[float, float, float] = (1.0, 1.0, 1.0), aligner: str = "attention",
-                   distance: str = "squared", full_kl_weight: float = 0.0) -> list[dict]:
+                   distance: str = "squared", full_kl_weight: float = 0.0,
+                   context_aligner: str = "attention") -> list[dict]:
     losses = supervised_losses()
     if variant in DISTILLED and libs_weight:
-        losses.append(libs_loss(libs_weight, levels, aligner, distance))
+        losses.append(libs_loss(libs_weight, levels, aligner, distance, context_aligner))
     if variant == "libs" and full_kl_weight:  # frame-wise KL to the teacher's posteriors; transcripts are all there
         losses.append(ctc_kd_loss(full_kl_weight, ctc_weight=0.0))
     if variant in PARTIAL_LABELS and kd_weight:
@@ -222,6 +224,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=600, help="optimizer steps of every lip reader")
     ap.add_argument("--teacher-steps", type=int, default=700)
+    ap.add_argument("--teacher-speakers", type=int, default=10, help="speakers of the teacher's own corpus")
+    ap.add_argument("--teacher-utterances", type=int, default=30, help="utterances per speaker of that corpus")
     ap.add_argument("--teacher-data", choices=("separate", "own"), default="separate",
                     help="train the teacher on a separate synthetic corpus (other speakers and sentences) or, "
                          "as the lipread_distill job does, on the lip-reading corpus' training audio")
@@ -233,6 +237,8 @@ def main() -> None:
                     help="weights of LIBS's frame, sequence and context levels inside the libs loss")
     ap.add_argument("--libs-aligner", default="attention", choices=("attention", "time", "ctc", "rate_stack"),
                     help="how teacher states are aligned to video frames for LIBS's frame level")
+    ap.add_argument("--libs-context-aligner", default="attention", choices=("attention", "identity"),
+                    help="alignment of the decoder states (teacher-forced on the same transcript: identity fits)")
     ap.add_argument("--libs-distance", default="squared", choices=("squared", "mean_squared", "cosine"),
                     help="LIBS distance: the paper's squared L2, or the scale-invariant 1 − cos")
     ap.add_argument("--full-kl-weight", type=float, default=0.0,
@@ -311,9 +317,11 @@ def main() -> None:
     if args.teacher_data == "separate":
         # Its own corpus (seed 1: other voices, other sentences), so no transcript of the lip-reading corpus
         # reaches the students through the teacher: the 20% setting really has 20% of the labels.
-        teacher_corpus = teacher_corpus_settings(args.quick)
-        synthesize_grid(out / "teacher_data", seed=1, progress=False, **teacher_corpus)
-        teacher_data_cfg = from_dict(LipreadDataConfig, {**data, "root": str(out / "teacher_data")},
+        teacher_corpus = teacher_corpus_settings(args.quick, args.teacher_speakers, args.teacher_utterances)
+        teacher_root = out / ("teacher_data" if (args.teacher_speakers, args.teacher_utterances) == (10, 30)
+                              else f"teacher_data_{args.teacher_speakers}x{args.teacher_utterances}")
+        synthesize_grid(teacher_root, seed=1, progress=False, **teacher_corpus)
+        teacher_data_cfg = from_dict(LipreadDataConfig, {**data, "root": str(teacher_root)},
                                      source="bench_lipread teacher data")
         teacher_paths = resolve_manifests(teacher_data_cfg)
     else:
@@ -352,7 +360,7 @@ def main() -> None:
         train_manifest = (str(lab) if variant in LABELLED_ONLY else str(part) if variant in PARTIAL_LABELS
                           else "train.jsonl")
         losses = variant_losses(variant, libs_weight, kd_weight, args.libs_levels, args.libs_aligner,
-                                args.libs_distance, args.full_kl_weight)
+                                args.libs_distance, args.full_kl_weight, args.libs_context_aligner)
         distilled = len(losses) > len(supervised_losses())
         cfg = {
             "run_dir": str(run_dir),
@@ -374,7 +382,7 @@ def main() -> None:
                    for w in args.tune_kd]
         tuned = []
         levels = "-".join(f"{x:g}" for x in args.libs_levels)
-        levels += f"_{args.libs_aligner}_{args.libs_distance}_kl{args.full_kl_weight:g}"
+        levels += f"_{args.libs_aligner}_{args.libs_context_aligner}_{args.libs_distance}_kl{args.full_kl_weight:g}"
         seeds = range(args.tune_seeds)
         configs = [student_config(variant, seed, lw, kw, tag=f"_tune_libs{lw:g}_{levels}_kd{kw:g}", val=True)
                    for variant, lw, kw in trials for seed in seeds]
@@ -385,6 +393,7 @@ def main() -> None:
             wer = [res["train"]["eval/wer"] for res in per_seed]
             r = {"variant": variant, "teacher_data": args.teacher_data, "teacher": teacher_id, "steps": args.steps,
                  "libs_weight": lw, "libs_aligner": args.libs_aligner, "libs_distance": args.libs_distance,
+                 "libs_context_aligner": args.libs_context_aligner,
                  "libs_levels": args.libs_levels, "kd_weight": kw, "seeds": len(seeds),
                  "full_kl_weight": args.full_kl_weight if variant == "libs" else 0.0,
                  "val_cer": statistics.mean(cer), "val_wer": statistics.mean(wer), "val_cer_seeds": cer}
@@ -401,6 +410,9 @@ def main() -> None:
     tuning_file = Path(args.tuning) if args.tuning else out / "tune.json"
     tuning = json.loads(tuning_file.read_text()) if tuning_file.is_file() else []
     tuning = [r for r in tuning if r.get("teacher_data", args.teacher_data) == args.teacher_data]
+    same_teacher = [r for r in tuning if r["variant"] not in DISTILLED or r.get("teacher") == teacher_id]
+    if any(r["variant"] in DISTILLED for r in same_teacher):
+        tuning = same_teacher  # trials with this very teacher; others only when there are none
     rows: dict[str, list[dict]] = {v: [] for v in variants}
     student_params = 0
     t_students = time.perf_counter()
@@ -462,9 +474,11 @@ def main() -> None:
         f"Every student: {args.steps} AdamW steps of batch {args.batch_size}, lr {args.lr:g} (warmup + cosine), "
         f"fp32, `torch.set_num_threads(1)`; the seed sets initialisation, data order and the labelled subset; "
         f"nothing else differs between (a)–(d). Supervised terms: 0.3·`ctc` + 0.7·`attention_ce`. "
-        f"(b) adds `libs` × {args.libs_weight:g} ({libs_txt} levels, {args.libs_aligner} aligner, "
-        f"{args.libs_distance} distance, soft teacher filtering "
-        f"exp(−2·CER)). Partial labels: {n_labelled} of {n_train} training utterances keep their transcript "
+        f"(b) adds `libs` × {args.libs_weight:g} ({libs_txt} levels, {args.libs_aligner} frame aligner, "
+        f"{args.libs_context_aligner} context aligner, "
+        f"{args.libs_distance} distance, soft teacher filtering exp(−2·CER))"
+        f"{f' and frame-wise KL to the teacher posteriors × {args.full_kl_weight:g}' if args.full_kl_weight else ''}"
+        f". Partial labels: {n_labelled} of {n_train} training utterances keep their transcript "
         f"({args.label_fraction:.0%} of each speaker); (c) trains on those alone, (d) on all {n_train} videos "
         f"with {' and '.join(d_terms) or 'no distillation term'} (`ctc_kd`: the teacher's greedy transcript as "
         f"CTC target + frame-wise KL to its posteriors); `ctc` / `attention_ce` skip the unlabelled ones. "
@@ -486,9 +500,11 @@ def main() -> None:
         """Whether a validation trial ran the settings of this protocol."""
         levels_used = (tuple(r.get("libs_levels") or (1.0, 1.0, 1.0)) == tuple(args.libs_levels)
                        and r.get("libs_aligner", "attention") == args.libs_aligner
-                       and r.get("libs_distance", "squared") == args.libs_distance)
+                       and r.get("libs_distance", "squared") == args.libs_distance
+                       and r.get("libs_context_aligner", "attention") == args.libs_context_aligner)
         if r["variant"] == "libs":
-            return r["libs_weight"] == args.libs_weight and levels_used
+            return (r["libs_weight"] == args.libs_weight and levels_used
+                    and r.get("full_kl_weight", 0.0) == args.full_kl_weight)
         if r["variant"] == "distill20":
             return (r["libs_weight"] == args.partial_libs_weight and r["kd_weight"] == args.kd_weight
                     and (levels_used or not r["libs_weight"]))
@@ -505,16 +521,21 @@ def main() -> None:
         order = list(VARIANTS)
         tuning = sorted(tuning, key=lambda r: order.index(r["variant"]) if r["variant"] in order else len(order))
         steps = sorted({r.get("steps", args.steps) for r in tuning})
-        lines += ["", f"Loss weights were chosen on the validation speaker ({counts['val']} utterances; seed 0; "
+        n_seeds = max(r.get("seeds", 1) for r in tuning)
+        seeds_txt = "seed 0" if n_seeds == 1 else f"mean of seeds 0–{n_seeds - 1} where run with {n_seeds}"
+        lines += ["", f"Loss weights were chosen on the validation speaker ({counts['val']} utterances; {seeds_txt}; "
                   f"{'/'.join(map(str, steps))} steps, otherwise as above), never on the test speakers "
                   "(`--tune-libs` / `--tune-kd`; ← marks the settings used above):", "",
-                  "| run (validation speaker) | libs weight (frame, sequence, context), aligner, distance | "
-                  "ctc_kd weight | CER | WER |",
+                  "| run (validation speaker) | libs weight (frame, sequence, context), frame/context aligner, "
+                  "distance | ctc_kd weight | CER | WER |",
                   "|---|---|---:|---:|---:|"]
         for r in tuning:
             lv = ", ".join(f"{x:g}" for x in r.get("libs_levels") or (1, 1, 1))
-            libs = (f"{r['libs_weight']:g} ({lv}), {r.get('libs_aligner', 'attention')}, "
+            libs = (f"{r['libs_weight']:g} ({lv}), {r.get('libs_aligner', 'attention')}"
+                    f"/{r.get('libs_context_aligner', 'attention')}, "
                     f"{r.get('libs_distance', 'squared')}" if r["libs_weight"] else "–")
+            if r.get("full_kl_weight"):
+                libs += f"; frame KL × {r['full_kl_weight']:g}"
             kd = f"{r['kd_weight']:g}" if r["variant"] in PARTIAL_LABELS and r["kd_weight"] else "–"
             lines.append(f"| {VARIANTS.get(r['variant'], r['variant'])}{' ←' if used(r) else ''} | {libs} | {kd} | "
                          f"{r['val_cer']:.3f} | {r['val_wer']:.3f} |")
