@@ -38,12 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 VARIANTS = {
     "sup": "(a) supervised, 100% transcripts",
     "libs": "(b) supervised + LIBS, 100% transcripts",
+    "libs_kl": "(b′) supervised + LIBS + frame-wise KL, 100% transcripts",
     "sup20": "(c) supervised, 20% transcripts",
     "distill20": "(d) 20% transcripts + distillation on all videos",
 }
 LABELLED_ONLY = {"sup20"}  # trained on the labelled subset alone
 PARTIAL_LABELS = {"distill20"}  # trained on every video, transcripts on the subset only
-DISTILLED = {"libs", "distill20"}
+DISTILLED = {"libs", "libs_kl", "distill20"}
 
 
 # ---------------------------------------------------------------- sizes
@@ -104,7 +105,7 @@ def variant_losses(variant: str, libs_weight: float, kd_weight: float,
     losses = supervised_losses()
     if variant in DISTILLED and libs_weight:
         losses.append(libs_loss(libs_weight, levels, aligner, distance, context_aligner))
-    if variant == "libs" and full_kl_weight:  # frame-wise KL to the teacher's posteriors; transcripts are all there
+    if variant == "libs_kl" and full_kl_weight:  # frame-wise KL to the teacher's posteriors; all transcripts there
         losses.append(ctc_kd_loss(full_kl_weight, ctc_weight=0.0))
     if variant in PARTIAL_LABELS and kd_weight:
         losses.append(ctc_kd_loss(kd_weight))
@@ -241,14 +242,17 @@ def main() -> None:
                     help="alignment of the decoder states (teacher-forced on the same transcript: identity fits)")
     ap.add_argument("--libs-distance", default="squared", choices=("squared", "mean_squared", "cosine"),
                     help="LIBS distance: the paper's squared L2, or the scale-invariant 1 − cos")
-    ap.add_argument("--full-kl-weight", type=float, default=0.0,
-                    help="add frame-wise KL to the teacher's CTC posteriors (ctc_kd without its CTC term) to (b)")
+    ap.add_argument("--full-kl-weight", type=float, default=1.0,
+                    help="weight of the frame-wise KL to the teacher's CTC posteriors (ctc_kd without its CTC term) "
+                         "in (b′)")
     ap.add_argument("--kd-weight", type=float, default=1.0, help="weight of ctc_kd in (d)")
     ap.add_argument("--partial-libs-weight", type=float, default=0.003, help="weight of libs in (d)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     ap.add_argument("--tune-libs", type=_floats, default=[], metavar="W1,W2",
                     help="instead of the protocol: train (b) with each LIBS weight, seed 0, and score the "
                          "validation speakers (0 = no LIBS term, i.e. the supervised baseline)")
+    ap.add_argument("--tune-kl", type=_floats, default=[], metavar="W1,W2",
+                    help="likewise for the frame-KL weight of (b′), with --libs-weight (0 and 0: (a))")
     ap.add_argument("--tune-kd", type=_floats, default=[], metavar="W1,W2",
                     help="likewise for the ctc_kd weight of (d), with --partial-libs-weight (0 and 0: (c))")
     ap.add_argument("--tuning", default=None, metavar="JSON",
@@ -350,8 +354,8 @@ def main() -> None:
     subsets = out / "manifests"
     subsets.mkdir(parents=True, exist_ok=True)
 
-    def student_config(variant: str, seed: int, libs_weight: float, kd_weight: float, *, tag: str = "",
-                       val: bool = False) -> dict:
+    def student_config(variant: str, seed: int, libs_weight: float, kd_weight: float, kl_weight: float, *,
+                       tag: str = "", val: bool = False) -> dict:
         """The job config of one lip reader from scratch in a fresh run folder (val scores when `val`)."""
         lab, part, _, _ = label_subsets(paths.train, args.label_fraction, seed, subsets)
         run_dir = out / "runs" / f"{variant}_seed{seed}{tag}"
@@ -360,7 +364,7 @@ def main() -> None:
         train_manifest = (str(lab) if variant in LABELLED_ONLY else str(part) if variant in PARTIAL_LABELS
                           else "train.jsonl")
         losses = variant_losses(variant, libs_weight, kd_weight, args.libs_levels, args.libs_aligner,
-                                args.libs_distance, args.full_kl_weight, args.libs_context_aligner)
+                                args.libs_distance, kl_weight, args.libs_context_aligner)
         distilled = len(losses) > len(supervised_losses())
         cfg = {
             "run_dir": str(run_dir),
@@ -375,19 +379,21 @@ def main() -> None:
         from_dict(LipreadDistillConfig, cfg, source=f"bench_lipread {variant}")  # config errors surface here
         return cfg
 
-    if args.tune_libs or args.tune_kd:
+    if args.tune_libs or args.tune_kd or args.tune_kl:
         # Loss weights are chosen on the validation speaker(s), seed 0, never on the test speakers.
-        trials = [("libs" if w or args.full_kl_weight else "sup", w, 0.0) for w in args.tune_libs]
-        trials += [("distill20" if w or args.partial_libs_weight else "sup20", args.partial_libs_weight, w)
+        trials = [("libs" if w else "sup", w, 0.0, 0.0) for w in args.tune_libs]
+        trials += [("libs_kl" if w or args.libs_weight else "sup", args.libs_weight, 0.0, w) for w in args.tune_kl]
+        trials += [("distill20" if w or args.partial_libs_weight else "sup20", args.partial_libs_weight, w, 0.0)
                    for w in args.tune_kd]
         tuned = []
         levels = "-".join(f"{x:g}" for x in args.libs_levels)
-        levels += f"_{args.libs_aligner}_{args.libs_context_aligner}_{args.libs_distance}_kl{args.full_kl_weight:g}"
+        levels += f"_{args.libs_aligner}_{args.libs_context_aligner}_{args.libs_distance}"
         seeds = range(args.tune_seeds)
-        configs = [student_config(variant, seed, lw, kw, tag=f"_tune_libs{lw:g}_{levels}_kd{kw:g}", val=True)
-                   for variant, lw, kw in trials for seed in seeds]
+        configs = [student_config(variant, seed, lw, kw, klw, tag=f"_tune_libs{lw:g}_{levels}_kd{kw:g}_kl{klw:g}",
+                                  val=True)
+                   for variant, lw, kw, klw in trials for seed in seeds]
         results = run_students(configs, args.workers)
-        for t, (variant, lw, kw) in enumerate(trials):
+        for t, (variant, lw, kw, klw) in enumerate(trials):
             per_seed = results[t * len(seeds):(t + 1) * len(seeds)]
             cer = [res["train"]["eval/cer"] for res in per_seed]
             wer = [res["train"]["eval/wer"] for res in per_seed]
@@ -395,7 +401,7 @@ def main() -> None:
                  "libs_weight": lw, "libs_aligner": args.libs_aligner, "libs_distance": args.libs_distance,
                  "libs_context_aligner": args.libs_context_aligner,
                  "libs_levels": args.libs_levels, "kd_weight": kw, "seeds": len(seeds),
-                 "full_kl_weight": args.full_kl_weight if variant == "libs" else 0.0,
+                 "full_kl_weight": klw,
                  "val_cer": statistics.mean(cer), "val_wer": statistics.mean(wer), "val_cer_seeds": cer}
             tuned.append(r)
             print(f"tune {variant} libs×{lw:g} levels {args.libs_levels} {args.libs_aligner} {args.libs_distance} "
@@ -419,7 +425,7 @@ def main() -> None:
     plan = [(seed, variant) for seed in range(args.seeds) for variant in variants]
     _, _, n_labelled, n_train = label_subsets(paths.train, args.label_fraction, 0, subsets)
     configs = [student_config(variant, seed, args.partial_libs_weight if variant in PARTIAL_LABELS
-                              else args.libs_weight, args.kd_weight) for seed, variant in plan]
+                              else args.libs_weight, args.kd_weight, args.full_kl_weight) for seed, variant in plan]
 
     def report_run(i: int, res: dict) -> None:
         seed, variant = plan[i]
@@ -477,8 +483,8 @@ def main() -> None:
         f"(b) adds `libs` × {args.libs_weight:g} ({libs_txt} levels, {args.libs_aligner} frame aligner, "
         f"{args.libs_context_aligner} context aligner, "
         f"{args.libs_distance} distance, soft teacher filtering exp(−2·CER))"
-        f"{f' and frame-wise KL to the teacher posteriors × {args.full_kl_weight:g}' if args.full_kl_weight else ''}"
-        f". Partial labels: {n_labelled} of {n_train} training utterances keep their transcript "
+        f"; (b′) adds to (b) the frame-wise KL to the teacher's posteriors (`ctc_kd` without its CTC term) × "
+        f"{args.full_kl_weight:g}. Partial labels: {n_labelled} of {n_train} training utterances keep their transcript "
         f"({args.label_fraction:.0%} of each speaker); (c) trains on those alone, (d) on all {n_train} videos "
         f"with {' and '.join(d_terms) or 'no distillation term'} (`ctc_kd`: the teacher's greedy transcript as "
         f"CTC target + frame-wise KL to its posteriors); `ctc` / `attention_ce` skip the unlabelled ones. "
@@ -503,6 +509,8 @@ def main() -> None:
                        and r.get("libs_distance", "squared") == args.libs_distance
                        and r.get("libs_context_aligner", "attention") == args.libs_context_aligner)
         if r["variant"] == "libs":
+            return r["libs_weight"] == args.libs_weight and levels_used
+        if r["variant"] == "libs_kl":
             return (r["libs_weight"] == args.libs_weight and levels_used
                     and r.get("full_kl_weight", 0.0) == args.full_kl_weight)
         if r["variant"] == "distill20":
@@ -511,6 +519,7 @@ def main() -> None:
         return r["variant"] in ("sup", "sup20")
 
     for base, dist, label in (("sup", "libs", "(a) − (b), LIBS with all transcripts"),
+                              ("sup", "libs_kl", "(a) − (b′), LIBS + frame-wise KL with all transcripts"),
                               ("sup20", "distill20", "(c) − (d), distillation with 20% transcripts")):
         if base in rows and dist in rows:
             gain = statistics.mean(col(base, "cer")) - statistics.mean(col(dist, "cer"))
@@ -544,7 +553,7 @@ def main() -> None:
             lines.append("- the sweep's distillation runs used another training run of the same teacher recipe "
                          "(another initialisation, so a somewhat different teacher); the weights were not "
                          "re-tuned for this one")
-        for v in ("libs", "distill20"):
+        for v in ("libs", "libs_kl", "distill20"):
             trials = [r for r in tuning if r["variant"] == v]
             best = min(trials, key=lambda r: r["val_cer"], default=None)
             chosen = next((r for r in trials if used(r)), None)
