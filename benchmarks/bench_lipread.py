@@ -5,21 +5,22 @@ training) and one speech teacher, trained once and reused by every run. For each
 the same lip reader is trained for the same steps with the same optimiser and data order:
 
 - (a) `sup`: supervised on all transcripts (hybrid CTC + attention cross-entropy);
-- (b) `libs`: (a) + LIBS distillation (frame, sequence and context levels, soft teacher filtering);
+- (b) `libs`: (a) + LIBS distillation (the chosen levels, aligner and distance; soft teacher filtering);
+- (b′) `libs_kl`: (b) + frame-wise KL to the teacher's CTC posteriors;
 - (c) `sup20`: supervised on a 20% labelled subset only (per seed, 20% of each training speaker);
 - (d) `distill20`: all training videos, the same 20% with transcripts, plus CTC distillation (`ctc_kd`: the
   teacher's greedy transcript as CTC target + frame-wise KL to its posteriors) and LIBS on every video.
 
 The teacher learns from its own synthetic corpus (other speakers, other sentences) by default, so no
 transcript of the lip-reading corpus reaches a student through it. Loss weights are chosen on the validation
-speaker with `--tune-libs` / `--tune-kd` (seed 0); pass the resulting tune.json with `--tuning` to show the
-sweep in the report.
+speaker with `--tune-libs` / `--tune-kl` / `--tune-kd` (`--tune-seeds` seeds, averaged); the trials are kept
+in <out>/tune.json and shown in the report. The defaults are the settings chosen that way.
 
 Scores: CER/WER of greedy CTC decoding on the test speakers (teacher: from audio; students: from video only),
-mean ± std over seeds, and the distillation gains (a) − (b) and (c) − (d).
+mean ± std over seeds, and the distillation gains (a) − (b), (a) − (b′) and (c) − (d), paired by seed.
 
-    python benchmarks/bench_lipread.py            # full protocol (3 seeds), writes BENCHMARKS.md
-    python benchmarks/bench_lipread.py --quick    # a smoke run of a minute or two, no report
+    python benchmarks/bench_lipread.py --workers 2   # full protocol, two runs side by side; writes BENCHMARKS.md
+    python benchmarks/bench_lipread.py --quick       # a smoke run of a minute or two, no report
 """
 
 from __future__ import annotations
@@ -222,31 +223,31 @@ def _levels(text: str) -> tuple[float, float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/bench_lipread")
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=600, help="optimizer steps of every lip reader")
-    ap.add_argument("--teacher-steps", type=int, default=700)
-    ap.add_argument("--teacher-speakers", type=int, default=10, help="speakers of the teacher's own corpus")
-    ap.add_argument("--teacher-utterances", type=int, default=30, help="utterances per speaker of that corpus")
+    ap.add_argument("--teacher-steps", type=int, default=3000)
+    ap.add_argument("--teacher-speakers", type=int, default=24, help="speakers of the teacher's own corpus")
+    ap.add_argument("--teacher-utterances", type=int, default=40, help="utterances per speaker of that corpus")
     ap.add_argument("--teacher-data", choices=("separate", "own"), default="separate",
                     help="train the teacher on a separate synthetic corpus (other speakers and sentences) or, "
                          "as the lipread_distill job does, on the lip-reading corpus' training audio")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--label-fraction", type=float, default=0.2)
-    ap.add_argument("--libs-weight", type=float, default=0.003, help="weight of libs in (b)")
-    ap.add_argument("--libs-levels", type=_levels, default=(1.0, 1.0, 1.0), metavar="F,S,C",
+    ap.add_argument("--libs-weight", type=float, default=0.1, help="weight of libs in (b) and (b′)")
+    ap.add_argument("--libs-levels", type=_levels, default=(1.0, 0.0, 0.0), metavar="F,S,C",
                     help="weights of LIBS's frame, sequence and context levels inside the libs loss")
-    ap.add_argument("--libs-aligner", default="attention", choices=("attention", "time", "ctc", "rate_stack"),
+    ap.add_argument("--libs-aligner", default="time", choices=("attention", "time", "ctc", "rate_stack"),
                     help="how teacher states are aligned to video frames for LIBS's frame level")
     ap.add_argument("--libs-context-aligner", default="attention", choices=("attention", "identity"),
                     help="alignment of the decoder states (teacher-forced on the same transcript: identity fits)")
-    ap.add_argument("--libs-distance", default="squared", choices=("squared", "mean_squared", "cosine"),
+    ap.add_argument("--libs-distance", default="cosine", choices=("squared", "mean_squared", "cosine"),
                     help="LIBS distance: the paper's squared L2, or the scale-invariant 1 − cos")
     ap.add_argument("--full-kl-weight", type=float, default=1.0,
                     help="weight of the frame-wise KL to the teacher's CTC posteriors (ctc_kd without its CTC term) "
                          "in (b′)")
     ap.add_argument("--kd-weight", type=float, default=1.0, help="weight of ctc_kd in (d)")
-    ap.add_argument("--partial-libs-weight", type=float, default=0.003, help="weight of libs in (d)")
+    ap.add_argument("--partial-libs-weight", type=float, default=0.1, help="weight of libs in (d)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     ap.add_argument("--tune-libs", type=_floats, default=[], metavar="W1,W2",
                     help="instead of the protocol: train (b) with each LIBS weight, seed 0, and score the "
@@ -322,8 +323,7 @@ def main() -> None:
         # Its own corpus (seed 1: other voices, other sentences), so no transcript of the lip-reading corpus
         # reaches the students through the teacher: the 20% setting really has 20% of the labels.
         teacher_corpus = teacher_corpus_settings(args.quick, args.teacher_speakers, args.teacher_utterances)
-        teacher_root = out / ("teacher_data" if (args.teacher_speakers, args.teacher_utterances) == (10, 30)
-                              else f"teacher_data_{args.teacher_speakers}x{args.teacher_utterances}")
+        teacher_root = out / f"teacher_data_{teacher_corpus['speakers']}x{teacher_corpus['utterances']}"
         synthesize_grid(teacher_root, seed=1, progress=False, **teacher_corpus)
         teacher_data_cfg = from_dict(LipreadDataConfig, {**data, "root": str(teacher_root)},
                                      source="bench_lipread teacher data")
