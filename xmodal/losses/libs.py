@@ -43,15 +43,30 @@ FilterMode = Literal["none", "hard", "soft"]
 Distance = Literal["squared", "mean_squared", "cosine"]
 
 
+def _squared(a: Tensor, b: Tensor) -> Tensor:
+    return (a - b).pow(2).sum(-1)
+
+
+def _mean_squared(a: Tensor, b: Tensor) -> Tensor:
+    return (a - b).pow(2).mean(-1)
+
+
+def _cosine(a: Tensor, b: Tensor) -> Tensor:
+    return 1.0 - torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-6)
+
+
+DISTANCES = {"squared": _squared, "mean_squared": _mean_squared, "cosine": _cosine}
+
+
+def check_distance(kind: str) -> str:
+    if kind not in DISTANCES:
+        raise ConfigError(f"LIBS distance must be one of {', '.join(map(repr, DISTANCES))}, got '{kind}'")
+    return kind
+
+
 def feature_distance(a: Tensor, b: Tensor, kind: Distance = "squared") -> Tensor:
     """Distance between feature vectors along the last dimension: ‖a−b‖², ‖a−b‖²/D or 1 − cos(a, b)."""
-    if kind == "squared":
-        return (a - b).pow(2).sum(-1)
-    if kind == "mean_squared":
-        return (a - b).pow(2).mean(-1)
-    if kind == "cosine":
-        return 1.0 - torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-6)
-    raise ConfigError(f"LIBS distance must be 'squared', 'mean_squared' or 'cosine', got '{kind}'")
+    return DISTANCES[check_distance(kind)](a, b)
 
 
 # ---------------------------------------------------------------- teacher filtering
@@ -143,10 +158,9 @@ class _LibsLoss(DistillLoss):
         distance: Distance = "squared",
     ):
         super().__init__()
-        feature_distance(torch.zeros(1), torch.zeros(1), distance)  # a bad name fails when the config is built
         self.student_modality = student_modality
         self.teacher_modality = teacher_modality
-        self.distance = distance
+        self.distance = check_distance(distance)
         self.filter = None if filter == "none" else TeacherFilter(filter, max_cer, filter_rate, blank)
 
     def filtered(self, teacher: Outputs | None, batch: Mapping | None) -> tuple[Mapping | None, dict[str, Tensor]]:
