@@ -304,6 +304,7 @@ def main() -> None:
     corpus_cfg = corpus_settings(args.quick)
     root = out / "data"
     t0 = time.perf_counter()
+    corpus_reused = (root / "corpus.json").is_file()
     corpus = synthesize_grid(root, seed=0, progress=False, **corpus_cfg)
     corpus_seconds = time.perf_counter() - t0
     stats = corpus["video_stats"]
@@ -336,10 +337,11 @@ def main() -> None:
     }, source="bench_lipread teacher")
     teacher_dir = out / f"teacher_{args.teacher_data}_{args.teacher_steps}steps"
     seed_everything(0)  # the teacher's initialisation must not depend on what ran before in this process
+    teacher_file = teacher_folder(teacher_cfg, teacher_data_cfg, teacher_paths, teacher_dir) / "speech_recognizer.pt"
+    teacher_reused = teacher_file.is_file()
     teacher = obtain_teacher(teacher_cfg, teacher_data_cfg, teacher_paths, vocab, teacher_dir,
                              from_dict(LipreadEvalConfig, eval_block), device)
     teacher_seconds = time.perf_counter() - t0
-    teacher_file = teacher_folder(teacher_cfg, teacher_data_cfg, teacher_paths, teacher_dir) / "speech_recognizer.pt"
     teacher_scores = {}
     for split, manifest in (("train", paths.train), ("test", paths.test)):
         loader = eval_loader(manifest, data_cfg, vocab, 16, video=False, audio=True)
@@ -453,6 +455,7 @@ def main() -> None:
     step_s = statistics.mean(r["seconds"] / args.steps for v in variants for r in rows[v])
     levels = dict(zip(("frame", "sequence", "context"), args.libs_levels))
     libs_txt = " + ".join(k for k, w in levels.items() if w)
+    libs_txt += " levels" if sum(1 for w in levels.values() if w) > 1 else " level"
     if args.teacher_data == "separate":
         teacher_data_txt = (f"its own synthetic corpus (seed 1: {teacher_corpus['speakers']} other speakers × "
                             f"{teacher_corpus['utterances']} other sentences; no lip-reading speaker or transcript)")
@@ -480,7 +483,7 @@ def main() -> None:
         f"Every student: {args.steps} AdamW steps of batch {args.batch_size}, lr {args.lr:g} (warmup + cosine), "
         f"fp32, `torch.set_num_threads(1)`; the seed sets initialisation, data order and the labelled subset; "
         f"nothing else differs between (a)–(d). Supervised terms: 0.3·`ctc` + 0.7·`attention_ce`. "
-        f"(b) adds `libs` × {args.libs_weight:g} ({libs_txt} levels, {args.libs_aligner} frame aligner, "
+        f"(b) adds `libs` × {args.libs_weight:g} ({libs_txt}, {args.libs_aligner} frame aligner, "
         f"{args.libs_context_aligner} context aligner, "
         f"{args.libs_distance} distance, soft teacher filtering exp(−2·CER))"
         f"; (b′) adds to (b) the frame-wise KL to the teacher's posteriors (`ctc_kd` without its CTC term) × "
@@ -530,14 +533,12 @@ def main() -> None:
         order = list(VARIANTS)
         tuning = sorted(tuning, key=lambda r: order.index(r["variant"]) if r["variant"] in order else len(order))
         steps = sorted({r.get("steps", args.steps) for r in tuning})
-        n_seeds = max(r.get("seeds", 1) for r in tuning)
-        seeds_txt = "seed 0" if n_seeds == 1 else f"mean of seeds 0–{n_seeds - 1} where run with {n_seeds}"
-        lines += ["", f"Loss weights were chosen on the validation speaker ({counts['val']} utterances; {seeds_txt}; "
-                  f"{'/'.join(map(str, steps))} steps, otherwise as above), never on the test speakers "
-                  "(`--tune-libs` / `--tune-kd`; ← marks the settings used above):", "",
+        lines += ["", f"Loss weights were chosen on the validation speaker ({counts['val']} utterances; the mean over "
+                  f"seeds 0…k−1 for k seeds; {'/'.join(map(str, steps))} steps, otherwise as above), never on the "
+                  "test speakers (`--tune-libs` / `--tune-kl` / `--tune-kd`; ← marks the settings used above):", "",
                   "| run (validation speaker) | libs weight (frame, sequence, context), frame/context aligner, "
-                  "distance | ctc_kd weight | CER | WER |",
-                  "|---|---|---:|---:|---:|"]
+                  "distance | ctc_kd weight | seeds | CER | WER |",
+                  "|---|---|---:|---:|---:|---:|"]
         for r in tuning:
             lv = ", ".join(f"{x:g}" for x in r.get("libs_levels") or (1, 1, 1))
             libs = (f"{r['libs_weight']:g} ({lv}), {r.get('libs_aligner', 'attention')}"
@@ -547,7 +548,7 @@ def main() -> None:
                 libs += f"; frame KL × {r['full_kl_weight']:g}"
             kd = f"{r['kd_weight']:g}" if r["variant"] in PARTIAL_LABELS and r["kd_weight"] else "–"
             lines.append(f"| {VARIANTS.get(r['variant'], r['variant'])}{' ←' if used(r) else ''} | {libs} | {kd} | "
-                         f"{r['val_cer']:.3f} | {r['val_wer']:.3f} |")
+                         f"{r.get('seeds', 1)} | {r['val_cer']:.3f} | {r['val_wer']:.3f} |")
         lines.append("")
         if any(r.get("teacher") != teacher_id for r in tuning if r["variant"] in DISTILLED):
             lines.append("- the sweep's distillation runs used another training run of the same teacher recipe "
@@ -562,8 +563,11 @@ def main() -> None:
                              f"the best in the sweep {best['val_cer']:.3f}")
     lines += [
         "",
-        f"Wall time: {elapsed / 60:.1f} min in all (corpus {corpus_seconds:.0f} s, teacher corpus + training "
-        f"{teacher_seconds:.0f} s, {len(variants) * args.seeds} student runs {students_seconds / 60:.1f} min, "
+        f"Wall time: {elapsed / 60:.1f} min in all (corpus {corpus_seconds:.0f} s"
+        f"{' (reused from an earlier run)' if corpus_reused else ''}, teacher corpus + training "
+        f"{teacher_seconds:.0f} s{' (reused from an earlier run)' if teacher_reused else ''}, "
+        f"{len(variants) * args.seeds} student runs {students_seconds / 60:.1f} min with {args.workers} "
+        f"side by side, "
         f"about {step_s:.2f} s per training step with data loading).",
     ]
     body = "\n".join(lines)
