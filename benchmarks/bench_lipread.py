@@ -575,7 +575,10 @@ def main() -> None:
     if not args.no_report:
         from _report import write_section
 
-        write_section("lipread", "Lip reading from a speech teacher: LIBS distillation on synthetic GRID", body)
+        # the default budget has its own section; other budgets get theirs, so one never overwrites the other
+        key = "lipread" if args.steps == ap.get_default("steps") else f"lipread_{args.steps}steps"
+        title = "Lip reading from a speech teacher: LIBS distillation on synthetic GRID"
+        write_section(key, title if key == "lipread" else f"{title}, {args.steps} steps per student", body)
 
 
 if __name__ == "__main__":
