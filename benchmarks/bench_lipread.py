@@ -26,6 +26,7 @@ mean ± std over seeds, and the distillation gains (a) − (b), (a) − (b′) a
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import shutil
@@ -356,10 +357,15 @@ def main() -> None:
     subsets = out / "manifests"
     subsets.mkdir(parents=True, exist_ok=True)
 
+    @functools.cache
+    def seed_subsets(seed: int) -> tuple[Path, Path, int, int]:
+        """The seed's labelled / partial manifests, written once and shared by every run of that seed."""
+        return label_subsets(paths.train, args.label_fraction, seed, subsets)
+
     def student_config(variant: str, seed: int, libs_weight: float, kd_weight: float, kl_weight: float, *,
                        tag: str = "", val: bool = False) -> dict:
         """The job config of one lip reader from scratch in a fresh run folder (val scores when `val`)."""
-        lab, part, _, _ = label_subsets(paths.train, args.label_fraction, seed, subsets)
+        lab, part, _, _ = seed_subsets(seed)
         run_dir = out / "runs" / f"{variant}_seed{seed}{tag}"
         if run_dir.exists():
             shutil.rmtree(run_dir)  # every number comes from a fresh run
@@ -425,7 +431,7 @@ def main() -> None:
     student_params = 0
     t_students = time.perf_counter()
     plan = [(seed, variant) for seed in range(args.seeds) for variant in variants]
-    _, _, n_labelled, n_train = label_subsets(paths.train, args.label_fraction, 0, subsets)
+    _, _, n_labelled, n_train = seed_subsets(0)
     configs = [student_config(variant, seed, args.partial_libs_weight if variant in PARTIAL_LABELS
                               else args.libs_weight, args.kd_weight, args.full_kl_weight) for seed, variant in plan]
 

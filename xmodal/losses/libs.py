@@ -213,10 +213,11 @@ class LibsFrame(_LibsLoss):
     ):
         super().__init__(student_modality, teacher_modality, filter, max_cer, filter_rate, blank, distance)
         self.aligner = ALIGNERS.build(aligner, **(aligner_params or {}))
+        self.student_key, self.teacher_key = student_modality, teacher_modality
 
     def per_sample(self, student: Outputs, teacher: Outputs | None) -> Tensor:
-        fs = self.pick(student, self.student_modality, "student")
-        ft = self.pick(teacher, self.teacher_modality, "teacher")
+        fs = self.pick(student, self.student_key, "student")
+        ft = self.pick(teacher, self.teacher_key, "teacher")
         return aligned_frame_distance(fs, ft, self.aligner, self.name, self.distance)
 
 
@@ -236,7 +237,7 @@ class LibsSequence(_LibsLoss):
 
 
 @register_loss("libs_context")
-class LibsContext(_LibsLoss):
+class LibsContext(LibsFrame):
     """Context level: the frame formula on attention-decoder states (`video_context` vs `audio_context`)."""
 
     def __init__(
@@ -253,14 +254,9 @@ class LibsContext(_LibsLoss):
         blank: int = 0,
         distance: Distance = "squared",
     ):
-        super().__init__(student_modality, teacher_modality, filter, max_cer, filter_rate, blank, distance)
-        self.student_key, self.teacher_key = student_key, teacher_key
-        self.aligner = ALIGNERS.build(aligner, **(aligner_params or {}))
-
-    def per_sample(self, student: Outputs, teacher: Outputs | None) -> Tensor:
-        fs = self.pick(student, self.student_key, "student")
-        ft = self.pick(teacher, self.teacher_key, "teacher")
-        return aligned_frame_distance(fs, ft, self.aligner, self.name, self.distance)
+        super().__init__(aligner, aligner_params, student_modality, teacher_modality, filter, max_cer, filter_rate,
+                         blank, distance)
+        self.student_key, self.teacher_key = student_key, teacher_key  # decoder states instead of encoder states
 
 
 @register_loss("libs")
