@@ -179,6 +179,9 @@ class Wav2Vec2Encoder(nn.Module):
     normalisation over the real samples (needed by the large LV-60k and XLS-R models).
     """
 
+    input_features = "waveform"  # what it reads from batch["audio"] (AudioConfig.features)
+    blank = 0  # index of the CTC blank: "-"/"<pad>" in torchaudio's label sets, mapped to 0 by `label_map`
+
     def __init__(self, model: nn.Module, label_map: Sequence[int] | None = None, normalize_waveform: bool = False):
         super().__init__()
         self.model = model
@@ -186,6 +189,13 @@ class Wav2Vec2Encoder(nn.Module):
         self.normalize_waveform = normalize_waveform
         self.register_buffer("label_map", None if label_map is None else torch.tensor(list(label_map)),
                              persistent=False)
+
+    @property
+    def vocab_size(self) -> int | None:
+        """Size of the CTC output: the student's vocabulary with a label map, else the head's; None without one."""
+        if self.label_map is not None:
+            return int(self.label_map.numel())
+        return None if self.model.aux is None else int(self.model.aux.out_features)
 
     def forward(self, waveform: Tensor, mask: Tensor | None = None) -> EncoderOutput:
         if waveform.dim() == 3 and waveform.shape[-1] == 1:
@@ -305,11 +315,12 @@ def load_wav2vec2(
     label_map = None
     if labels is not None and vocab_tokens is not None:
         label_map = wav2vec2_label_map(labels, vocab_tokens)
-        missing = [t for t, i in zip(vocab_tokens, label_map) if i < 0]
+        missing = [t for t, i in zip(vocab_tokens, label_map) if i < 0 and not (t.startswith("<") and t.endswith(">"))]
         if missing:
             log.warning("wav2vec2 labels lack %s; their logits are set to -1e4", missing)
     enc = Wav2Vec2Encoder(model, label_map, normalize_waveform).to(resolve_device(device))
-    enc.fingerprint = model_fingerprint(model, {"kind": "wav2vec2", "label_map": label_map})
+    enc.fingerprint = model_fingerprint(model, {"kind": "wav2vec2", "label_map": label_map,
+                                                "normalize_waveform": normalize_waveform})
     return _freeze(enc, frozen)
 
 

@@ -255,6 +255,20 @@ def test_dataset_resamples_a_file_at_another_rate(corpus, rows, tmp_path):
     assert ds[0]["audio"].shape == ds[1]["audio"].shape
 
 
+def test_waveform_features_are_the_resampled_waveform_batched_with_a_mask(corpus, rows, tmp_path):
+    """`features: waveform` (what wav2vec2 teachers read) gives the file's samples at the configured rate."""
+    src = corpus / rows[0]["audio"]
+    wav = load_audio(src, 16000)
+    ds = AVSpeechDataset(corpus / "train.jsonl", CharVocab(), video=None, audio=AudioConfig(features="waveform"))
+    assert torch.equal(ds[0]["audio"], wav) and ds[0]["audio"].dim() == 1
+    batch = collate_av([ds[0], ds[1]])
+    lengths = [ds[0]["audio"].numel(), ds[1]["audio"].numel()]
+    assert batch["audio"].shape == (2, max(lengths)) and batch["audio_mask"].sum(1).tolist() == lengths
+    low = AVSpeechDataset(corpus / "train.jsonl", CharVocab(), video=None,
+                          audio=AudioConfig(features="waveform", sample_rate=8000))
+    assert abs(low[0]["audio"].numel() - wav.numel() / 2) <= 1
+
+
 # ---------------------------------------------------------------------------------------------- batches
 
 
@@ -300,6 +314,8 @@ def test_dataloader_with_workers_matches_in_process(corpus):
 
 
 def test_config_validation():
+    with pytest.raises(ConfigError, match="audio.features must be one of 'fbank', 'waveform'"):
+        AudioConfig(features="mfcc")
     with pytest.raises(ConfigError, match="backend"):
         VideoConfig(backend="cv2")
     with pytest.raises(ConfigError, match="crop_size"):

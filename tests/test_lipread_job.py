@@ -180,3 +180,78 @@ def test_cached_teacher_matches_online_teacher(corpus, tmp_path, monkeypatch):
     cfg_path.write_text(yaml.safe_dump({"job": "lipread_distill", **no_ctx}))
     assert main(["distill", str(cfg_path)]) == 2
     assert not Path(tmp_path / "no_ctx" / "lipreader.pt").exists()
+
+
+# ---------------------------------------------------------------- wav2vec2 teacher (locally created weights)
+
+
+def wav2vec2_job_config(corpus, run_dir, teacher_file, **over):
+    cfg = job_config(corpus, run_dir, **over)
+    cfg["teacher"] = {"kind": "wav2vec2", "path": str(teacher_file)}
+    cfg["data"] = {**cfg["data"], "audio": {"features": "waveform"}}
+    cfg["losses"] = [dict(s) for s in cfg["losses"]]
+    cfg["losses"][2] = {**cfg["losses"][2], "params": {**cfg["losses"][2]["params"], "context_weight": 0.0}}
+    return cfg
+
+
+@pytest.fixture()
+def wav2vec2_file(tmp_path):
+    from test_speech_models import W2V_CFG
+    from torchaudio.models import wav2vec2_model
+
+    from xmodal.teachers.speech import save_wav2vec2
+
+    labels = ["<pad>", "|", "A", "B", "'"]
+    torch.manual_seed(0)
+    model = wav2vec2_model(**{**W2V_CFG, "aux_num_out": len(labels)}).eval()
+    path = tmp_path / "w2v_teacher.pt"
+    save_wav2vec2(model, path, {**W2V_CFG, "aux_num_out": len(labels)}, labels=labels)
+    return path
+
+
+def test_job_distills_from_a_wav2vec2_teacher_on_waveforms(corpus, wav2vec2_file, tmp_path):
+    """kind: wav2vec2 loads a local file, reads waveforms (50 Hz states, time-aligned to 25 fps video), maps its
+    labels into the student's vocabulary for filtering and ctc_kd, and scores the teacher on test audio."""
+    load_plugins()
+    from xmodal.config import JOBS
+    from xmodal.tasks.lipread.config import LipreadDistillConfig
+
+    cfg = from_dict(LipreadDistillConfig, wav2vec2_job_config(corpus, tmp_path / "run", wav2vec2_file))
+    results = JOBS.get("lipread_distill").run(cfg)
+    assert results["teacher_path"] == str(wav2vec2_file)
+    assert results["teacher"]["num_utterances"] == 3 and results["student"]["num_utterances"] == 3
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if "loss" in r][-1]
+    assert {"loss/libs/frame", "loss/libs/accept_rate", "loss/ctc_kd/kl"} <= set(last)
+    assert "loss/libs/context" not in last
+    assert all(np.isfinite(last[k]) for k in ("loss", "loss/libs", "loss/ctc_kd/kl"))
+
+
+def test_wav2vec2_teacher_config_errors_say_what_to_set(corpus, wav2vec2_file, tmp_path):
+    load_plugins()
+    from xmodal.config import JOBS
+    from xmodal.tasks.lipread.config import LipreadDistillConfig
+
+    job = JOBS.get("lipread_distill")
+
+    def run(**change):
+        cfg = wav2vec2_job_config(corpus, tmp_path / "run", wav2vec2_file)
+        for key, value in change.items():
+            cfg[key] = value(cfg[key])
+        job.run(from_dict(LipreadDistillConfig, cfg))
+
+    with pytest.raises(ConfigError, match="set data.audio.features: waveform"):
+        run(data=lambda d: {**d, "audio": {"features": "fbank", "n_mels": 20}})
+    with pytest.raises(ConfigError, match="context_weight: 0"):
+        run(losses=lambda ls: [ls[0], {"name": "libs", "weight": 0.1}])
+    with pytest.raises(ConfigError, match="set by the job"):
+        run(teacher=lambda t: {**t, "params": {"vocab_tokens": ["a"]}})
+    with pytest.raises(ConfigError, match="unknown parameter 'normalise_waveform'.*normalize_waveform"):
+        run(teacher=lambda t: {**t, "params": {"normalise_waveform": True}})
+    with pytest.raises(ConfigError, match="loaded from 'path', not trained here"):
+        from_dict(LipreadDistillConfig, {**job_config(corpus, tmp_path), "teacher": {
+            "kind": "wav2vec2", "model": {"n_mels": 20}, "train": {"steps": 1}}})
+    with pytest.raises(ConfigError, match="unknown speech teacher kind 'wav2vec'.*wav2vec2"):
+        run(teacher=lambda t: {**t, "kind": "wav2vec"})
+    with pytest.raises(ConfigError, match="audio.features must be one of"):
+        run(data=lambda d: {**d, "audio": {"features": "mfcc"}})

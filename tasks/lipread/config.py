@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from xmodal.config import LossSpec, TrainConfig
 from xmodal.data.av import AudioConfig, VideoConfig
@@ -44,9 +45,16 @@ def _default_teacher_losses() -> list[LossSpec]:
 @dataclass
 class SpeechTeacherConfig:
     """The speech teacher: a trained recogniser file (`path`), or a `model` trained here on the training audio
-    first (with `train` and `losses`; reused from `run_dir/teacher` while its config is unchanged)."""
+    first (with `train` and `losses`; reused from `run_dir/teacher` while its config is unchanged).
+
+    `kind` says what `path` holds: "speech" (an xmodal recogniser file) or "wav2vec2" (a torchaudio
+    wav2vec2/HuBERT file written by `save_wav2vec2`, or an architecture name with `params.checkpoint` a local
+    state dict; `params` also takes `labels` and `normalize_waveform`). A wav2vec2 teacher reads waveforms.
+    """
 
     path: str | None = None
+    kind: str = "speech"
+    params: dict[str, Any] = field(default_factory=dict)
     model: SpeechRecognizerConfig | None = None
     train: TrainConfig | None = None
     losses: list[LossSpec] = field(default_factory=_default_teacher_losses)
@@ -56,6 +64,9 @@ class SpeechTeacherConfig:
         if (self.path is None) == (self.model is None):
             raise ConfigError("teacher: give exactly one of 'path' (a trained recogniser file) or 'model' "
                               "(a recogniser config to train on the training audio first)")
+        if self.model is not None and self.kind != "speech":
+            raise ConfigError(f"teacher: kind '{self.kind}' is loaded from 'path', not trained here; drop 'model' "
+                              "or use kind: speech")
         if self.model is not None and self.train is None:
             raise ConfigError("teacher: 'model' needs a 'train' block (steps, batch_size, lr, ...) to train it")
 

@@ -33,6 +33,7 @@ from xmodal.errors import ConfigError
 from xmodal.features import Features
 from xmodal.fingerprint import hash_json, model_fingerprint
 from xmodal.io import atomic_write_json
+from xmodal.registry import Registry, check_kwargs
 from xmodal.tasks.lipread.config import LipreadDataConfig, LipreadDistillConfig, SpeechTeacherConfig
 from xmodal.tasks.lipread.evaluate import evaluate_lipreading
 from xmodal.tasks.lipread.modules import SequenceRecognizer, load_recognizer, save_recognizer
@@ -158,11 +159,50 @@ def teacher_folder(cfg: SpeechTeacherConfig, data: LipreadDataConfig, paths: Man
     return run_dir / "teacher" / key
 
 
+SPEECH_TEACHERS: Registry = Registry("speech teacher kind")  # teacher.kind → loader(cfg, vocab) of teacher.path
+
+
+@SPEECH_TEACHERS.register("speech")
+def load_speech_teacher(cfg: SpeechTeacherConfig, vocab: CharVocab) -> nn.Module:
+    """An xmodal speech recogniser file written by `save_recognizer` (log-mel input)."""
+    if cfg.params:
+        raise ConfigError(f"teacher.params {sorted(cfg.params)}: a 'speech' teacher file takes no parameters")
+    return load_recognizer(cfg.path, kind="speech_recognizer")
+
+
+@SPEECH_TEACHERS.register("wav2vec2")
+def load_wav2vec2_teacher(cfg: SpeechTeacherConfig, vocab: CharVocab) -> nn.Module:
+    """torchaudio wav2vec2/HuBERT with local weights (waveform input); CTC logits reordered into `vocab`."""
+    from xmodal.teachers.speech import load_wav2vec2
+
+    reserved = {"source", "vocab_tokens", "device", "frozen"} & set(cfg.params)
+    if reserved:
+        raise ConfigError(f"teacher.params: {sorted(reserved)} are set by the job; remove them")
+    check_kwargs(load_wav2vec2, cfg.params, "teacher.params (kind wav2vec2)")
+    return load_wav2vec2(cfg.path, vocab_tokens=vocab.tokens, frozen=True, **cfg.params)
+
+
+def check_teacher_fits(model: nn.Module, cfg: LipreadDistillConfig, vocab: CharVocab, teacher_context: bool) -> None:
+    """The teacher reads the configured audio features, shares the vocabulary and has a decoder when needed."""
+    kind = cfg.teacher.kind
+    wants = getattr(model, "input_features", "fbank")
+    if cfg.data.audio.features != wants:
+        raise ConfigError(f"a '{kind}' teacher reads {wants} audio but data.audio.features is "
+                          f"'{cfg.data.audio.features}'; set data.audio.features: {wants}")
+    size = getattr(model, "vocab_size", None)
+    if size is not None and size != len(vocab):
+        raise ConfigError(f"the teacher predicts {size} tokens, the vocabulary has {len(vocab)}; teacher and "
+                          "student must share the vocabulary (for wav2vec2, give teacher.params.labels)")
+    if teacher_context and not hasattr(model, "decode_teacher_forced"):
+        raise ConfigError(f"the losses use the teacher's decoder context (libs context level) but a '{kind}' "
+                          "teacher has no attention decoder; set the libs loss's context_weight: 0")
+
+
 def obtain_teacher(cfg: SpeechTeacherConfig, data: LipreadDataConfig, paths: Manifests, vocab: CharVocab,
-                   run_dir: Path, eval_cfg, device: torch.device) -> SequenceRecognizer:
-    """The teacher recogniser: loaded from `path`, or trained on the training audio (and reused later)."""
+                   run_dir: Path, eval_cfg, device: torch.device) -> nn.Module:
+    """The teacher recogniser: loaded from `path` by `kind`, or trained on the training audio (and reused later)."""
     if cfg.path is not None:
-        return load_recognizer(cfg.path, kind="speech_recognizer")
+        return SPEECH_TEACHERS.get(cfg.kind)(cfg, vocab)
     from xmodal.data.av import collate_av
     from xmodal.engine import Distiller
     from xmodal.losses import build_losses
@@ -202,9 +242,13 @@ def obtain_teacher(cfg: SpeechTeacherConfig, data: LipreadDataConfig, paths: Man
     return model.eval()
 
 
-def teacher_fingerprint(model: SequenceRecognizer, cfg: LipreadDistillConfig) -> str:
-    """The teacher's identity for checkpoints and caches: weights, audio features and whether context is used."""
-    return model_fingerprint(model, {"audio": to_dict(cfg.data.audio), "context": uses_context(cfg.losses)[1]})
+def teacher_fingerprint(model: nn.Module, cfg: LipreadDistillConfig) -> str:
+    """The teacher's identity for checkpoints and caches: weights, audio features and whether context is used
+    (plus the loader's own identity when it has one, e.g. a wav2vec2 label map)."""
+    extra = {"audio": to_dict(cfg.data.audio), "context": uses_context(cfg.losses)[1]}
+    if getattr(model, "fingerprint", None) is not None:
+        extra["loader"] = model.fingerprint
+    return model_fingerprint(model, extra)
 
 
 @register_cache_source("lipread_distill")
@@ -219,6 +263,7 @@ def cache_source(cfg: LipreadDistillConfig) -> CacheSource:
     vocab = CharVocab(cfg.data.vocab)
     paths = resolve_manifests(cfg.data)
     model = obtain_teacher(cfg.teacher, cfg.data, paths, vocab, Path(cfg.run_dir), cfg.eval, device)
+    check_teacher_fits(model, cfg, vocab, uses_context(cfg.losses)[1])
     model.eval().requires_grad_(False)
     teacher = RecognizerModule(model, "audio", context=uses_context(cfg.losses)[1], frozen=True)
     dataset = av_dataset(paths.train, cfg.data, vocab, video=False, audio=True, train=False)
@@ -255,9 +300,7 @@ def run(cfg: LipreadDistillConfig) -> dict[str, Any]:
     fingerprint = None
     if cfg.teacher is not None:
         teacher_model = obtain_teacher(cfg.teacher, cfg.data, paths, vocab, run_dir, cfg.eval, device)
-        if teacher_model.vocab_size != len(vocab):
-            raise ConfigError(f"the teacher predicts {teacher_model.vocab_size} tokens, the vocabulary has "
-                              f"{len(vocab)}; teacher and student must share the vocabulary")
+        check_teacher_fits(teacher_model, cfg, vocab, t_ctx)
         teacher_model.eval().requires_grad_(False)
         teacher = RecognizerModule(teacher_model, "audio", context=t_ctx, frozen=True)
         fingerprint = teacher_fingerprint(teacher_model, cfg)
@@ -302,7 +345,7 @@ def run(cfg: LipreadDistillConfig) -> dict[str, Any]:
     test = eval_loader(paths.test, cfg.data, vocab, e.batch_size, video=True, audio=False)
     if test is not None:
         results["student"] = evaluate_lipreading(student_model, test, vocab, e.decoder, **options)
-    if teacher_model is not None and paths.test is not None:
+    if teacher_model is not None and paths.test is not None and getattr(teacher_model, "vocab_size", None):
         audio_test = eval_loader(paths.test, cfg.data, vocab, e.batch_size, video=False, audio=True)
         results["teacher"] = evaluate_lipreading(teacher_model, audio_test, vocab, "greedy", input_key="audio")
     atomic_write_json(run_dir / "results.json", results)

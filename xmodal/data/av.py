@@ -60,15 +60,20 @@ class VideoConfig:
 
 @dataclass
 class AudioConfig:
-    """Log-mel filterbank features at `sample_rate` (files at other rates are resampled)."""
+    """Audio at `sample_rate` (files at other rates are resampled) as log-mel filterbanks (`features: fbank`) or
+    the waveform itself (`features: waveform`, what wav2vec2-style teachers read)."""
 
     sample_rate: int = 16000
+    features: str = "fbank"  # fbank | waveform
     n_mels: int = 80
     frame_length_ms: float = 25.0
     frame_shift_ms: float = 10.0
-    normalize: bool = True  # per-utterance mean/variance normalisation
+    normalize: bool = True  # per-utterance mean/variance normalisation of the fbank features
 
     def __post_init__(self) -> None:
+        if self.features not in AUDIO_FEATURES:
+            raise ConfigError(f"audio.features must be one of {', '.join(map(repr, AUDIO_FEATURES))}, "
+                              f"got {self.features!r}")
         if self.sample_rate < 1000:
             raise ConfigError(f"audio.sample_rate must be >= 1000 Hz, got {self.sample_rate}")
         if self.n_mels < 1 or self.frame_length_ms <= 0 or self.frame_shift_ms <= 0:
@@ -309,11 +314,22 @@ def fbank_features(wav: torch.Tensor, cfg: AudioConfig, sample_id: str = "?") ->
     return feats
 
 
+def waveform_features(wav: torch.Tensor, cfg: AudioConfig, sample_id: str = "?") -> torch.Tensor:
+    """The waveform [N] itself (batched as [B, N] with a per-sample mask), for models with their own front end."""
+    if wav.numel() == 0:
+        raise DataError(f"sample {sample_id!r}: the audio file has no samples")
+    return wav
+
+
+AUDIO_FEATURES = {"fbank": fbank_features, "waveform": waveform_features}  # AudioConfig.features → extractor
+
+
 # ----------------------------------------------------------------------------------------------- data set
 
 
 class AVSpeechDataset(Dataset):
-    """Audio-visual utterances for lip reading. Items: id, speaker, video [T, 1, H, W], audio [Ta, n_mels],
+    """Audio-visual utterances for lip reading. Items: id, speaker, video [T, 1, H, W], audio [Ta, n_mels]
+    (or the waveform [N] with `features: waveform`),
     transcript (normalised), targets (long [L]). Pass `video=None` or `audio=None` to skip a modality.
 
     Augmentation is seeded per (seed, epoch, index) through a torch Generator, so it is reproducible with
@@ -370,7 +386,7 @@ class AVSpeechDataset(Dataset):
             item["video"] = preprocess_video(frames, self.video_cfg, self.train, gen, rec.id)
         if self.audio_cfg is not None:
             wav = load_audio(rec.audio, self.audio_cfg.sample_rate, rec.id)
-            item["audio"] = fbank_features(wav, self.audio_cfg, rec.id)
+            item["audio"] = AUDIO_FEATURES[self.audio_cfg.features](wav, self.audio_cfg, rec.id)
         return item
 
 
