@@ -70,9 +70,10 @@ def teacher_model() -> dict:
                 subsampling=4, decoder_layers=1, decoder_ffn_dim=128, dropout=0.1)
 
 
-def student_model() -> dict:
-    return dict(width_mult=0.125, blocks=[1, 1, 1, 1], dim=64, encoder="transformer", num_layers=2, num_heads=4,
-                ffn_dim=128, conv_kernel=15, decoder_layers=1, decoder_ffn_dim=128, dropout=0.1)
+def student_model(width_mult: float = 0.25, dim: int = 128) -> dict:
+    """The lip reader: ResNet trunk at `width_mult`, transformer encoder and decoder of width `dim` (FFN 2·dim)."""
+    return dict(width_mult=width_mult, blocks=[1, 1, 1, 1], dim=dim, encoder="transformer", num_layers=2,
+                num_heads=4, ffn_dim=2 * dim, conv_kernel=15, decoder_layers=1, decoder_ffn_dim=2 * dim, dropout=0.1)
 
 
 def train_block(steps: int, seed: int, batch_size: int, lr: float) -> dict:
@@ -225,13 +226,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/bench_lipread")
     ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=600, help="optimizer steps of every lip reader")
+    ap.add_argument("--steps", type=int, default=1200, help="optimizer steps of every lip reader")
     ap.add_argument("--teacher-steps", type=int, default=3000)
     ap.add_argument("--teacher-speakers", type=int, default=24, help="speakers of the teacher's own corpus")
     ap.add_argument("--teacher-utterances", type=int, default=40, help="utterances per speaker of that corpus")
     ap.add_argument("--teacher-data", choices=("separate", "own"), default="separate",
                     help="train the teacher on a separate synthetic corpus (other speakers and sentences) or, "
                          "as the lipread_distill job does, on the lip-reading corpus' training audio")
+    ap.add_argument("--student-width", type=float, default=0.25, help="width multiplier of the student's trunk")
+    ap.add_argument("--student-dim", type=int, default=128, help="width of the student's encoder and decoder")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--label-fraction", type=float, default=0.2)
@@ -378,7 +381,7 @@ def main() -> None:
             "run_dir": str(run_dir),
             "data": {**data, "train": train_manifest, "val": "val.jsonl" if val else None},
             "teacher": {"path": str(teacher_file)} if distilled else None,
-            "student": {**student_model(), "vocab_size": len(vocab)},
+            "student": {**student_model(args.student_width, args.student_dim), "vocab_size": len(vocab)},
             "projection": "linear",
             "losses": losses,
             "train": train_block(args.steps, seed, args.batch_size, args.lr),
@@ -409,7 +412,7 @@ def main() -> None:
                  "libs_weight": lw, "libs_aligner": args.libs_aligner, "libs_distance": args.libs_distance,
                  "libs_context_aligner": args.libs_context_aligner,
                  "libs_levels": args.libs_levels, "kd_weight": kw, "seeds": len(seeds),
-                 "full_kl_weight": klw,
+                 "full_kl_weight": klw, "student": [args.student_width, args.student_dim],
                  "val_cer": statistics.mean(cer), "val_wer": statistics.mean(wer), "val_cer_seeds": cer}
             tuned.append(r)
             print(f"tune {variant} libs×{lw:g} levels {args.libs_levels} {args.libs_aligner} {args.libs_distance} "
@@ -423,7 +426,8 @@ def main() -> None:
 
     tuning_file = Path(args.tuning) if args.tuning else out / "tune.json"
     tuning = json.loads(tuning_file.read_text()) if tuning_file.is_file() else []
-    tuning = [r for r in tuning if r.get("teacher_data", args.teacher_data) == args.teacher_data]
+    tuning = [r for r in tuning if r.get("teacher_data", args.teacher_data) == args.teacher_data
+              and r.get("student", [0.125, 64]) == [args.student_width, args.student_dim]]
     same_teacher = [r for r in tuning if r["variant"] not in DISTILLED or r.get("teacher") == teacher_id]
     if any(r["variant"] in DISTILLED for r in same_teacher):
         tuning = same_teacher  # trials with this very teacher; others only when there are none
@@ -457,7 +461,7 @@ def main() -> None:
 
     # ---- report
     splits, counts = corpus["splits"], corpus["counts"]
-    tm, sm = teacher_model(), student_model()
+    tm, sm = teacher_model(), student_model(args.student_width, args.student_dim)
     step_s = statistics.mean(r["seconds"] / args.steps for v in variants for r in rows[v])
     levels = dict(zip(("frame", "sequence", "context"), args.libs_levels))
     libs_txt = " + ".join(k for k, w in levels.items() if w)
@@ -562,6 +566,9 @@ def main() -> None:
                          "re-tuned for this one")
         for v in ("libs", "libs_kl", "distill20"):
             trials = [r for r in tuning if r["variant"] == v]
+            if v in variants and not trials:
+                lines.append(f"- {VARIANTS[v]}: no validation trial with this student and teacher; its weights are "
+                             "the script's defaults, not tuned for it")
             best = min(trials, key=lambda r: r["val_cer"], default=None)
             chosen = next((r for r in trials if used(r)), None)
             if best is not None and chosen is not None and best["val_cer"] < chosen["val_cer"]:
@@ -582,9 +589,13 @@ def main() -> None:
         from _report import write_section
 
         # the default budget has its own section; other budgets get theirs, so one never overwrites the other
-        key = "lipread" if args.steps == ap.get_default("steps") else f"lipread_{args.steps}steps"
-        title = "Lip reading from a speech teacher: LIBS distillation on synthetic GRID"
-        write_section(key, title if key == "lipread" else f"{title}, {args.steps} steps per student", body)
+        key, title = "lipread", "Lip reading from a speech teacher: LIBS distillation on synthetic GRID"
+        if args.steps != ap.get_default("steps"):
+            key, title = f"{key}_{args.steps}steps", f"{title}, {args.steps} steps per student"
+        if (args.student_width, args.student_dim) != (ap.get_default("student_width"), ap.get_default("student_dim")):
+            key += f"_student{args.student_width:g}x{args.student_dim}"
+            title += f", student trunk ×{args.student_width:g} and width {args.student_dim}"
+        write_section(key, title, body)
 
 
 if __name__ == "__main__":

@@ -52,3 +52,12 @@ def test_label_subsets_keep_a_fraction_of_every_speaker(tmp_path):
     assert again[0].read_text() == lab.read_text()  # the same subset for the same seed
     other = bench.label_subsets(manifest, 0.2, 4, tmp_path)[0].read_text()
     assert other != lab.read_text()
+
+
+def test_student_sizes_are_valid_lip_reader_configs():
+    from xmodal.config import from_dict
+    from xmodal.students.lipreader import LipReaderConfig
+
+    for width, dim in ((0.125, 64), (0.25, 128)):
+        cfg = from_dict(LipReaderConfig, {**bench.student_model(width, dim), "vocab_size": 30})
+        assert (cfg.width_mult, cfg.dim, cfg.ffn_dim, cfg.decoder_ffn_dim) == (width, dim, 2 * dim, 2 * dim)
