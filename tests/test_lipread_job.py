@@ -253,5 +253,9 @@ def test_wav2vec2_teacher_config_errors_say_what_to_set(corpus, wav2vec2_file, t
             "kind": "wav2vec2", "model": {"n_mels": 20}, "train": {"steps": 1}}})
     with pytest.raises(ConfigError, match="unknown speech teacher kind 'wav2vec'.*wav2vec2"):
         run(teacher=lambda t: {**t, "kind": "wav2vec"})
+    trained_here = {**job_config(corpus, tmp_path / "t"), "data": {**job_config(corpus, tmp_path)["data"],
+                                                                    "audio": {"features": "waveform"}}}
+    with pytest.raises(ConfigError, match="set data.audio.features: fbank"):
+        job.run(from_dict(LipreadDistillConfig, trained_here))
     with pytest.raises(ConfigError, match="audio.features must be one of"):
         run(data=lambda d: {**d, "audio": {"features": "mfcc"}})

@@ -219,6 +219,9 @@ def obtain_teacher(cfg: SpeechTeacherConfig, data: LipreadDataConfig, paths: Man
     if cfg.model.vocab_size != len(vocab):
         raise ConfigError(f"teacher.model.vocab_size is {cfg.model.vocab_size} but the vocabulary has {len(vocab)} "
                           "tokens (<blank>, <sos/eos> and data.vocab)")
+    if data.audio.features != "fbank":
+        raise ConfigError(f"teacher.model is a log-mel speech recogniser but data.audio.features is "
+                          f"'{data.audio.features}'; set data.audio.features: fbank")
     if cfg.model.n_mels != data.audio.n_mels:
         raise ConfigError(f"teacher.model.n_mels ({cfg.model.n_mels}) must equal data.audio.n_mels "
                           f"({data.audio.n_mels})")
