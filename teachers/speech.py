@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import xmodal.adapters.speech  # noqa: F401  (registers the audio/video adapters with the teachers)
+from xmodal.data.vocab import BLANK, SOS_EOS
 from xmodal.device import resolve_device
 from xmodal.errors import CheckpointError, ConfigError
 from xmodal.fingerprint import model_fingerprint
@@ -315,7 +316,7 @@ def load_wav2vec2(
     label_map = None
     if labels is not None and vocab_tokens is not None:
         label_map = wav2vec2_label_map(labels, vocab_tokens)
-        missing = [t for t, i in zip(vocab_tokens, label_map) if i < 0 and not (t.startswith("<") and t.endswith(">"))]
+        missing = [t for t, i in zip(vocab_tokens, label_map) if i < 0 and t not in (BLANK, SOS_EOS)]
         if missing:
             log.warning("wav2vec2 labels lack %s; their logits are set to -1e4", missing)
     enc = Wav2Vec2Encoder(model, label_map, normalize_waveform).to(resolve_device(device))

@@ -227,8 +227,7 @@ def obtain_teacher(cfg: SpeechTeacherConfig, data: LipreadDataConfig, paths: Man
                           f"({data.audio.n_mels})")
     seed_everything(cfg.train.seed)  # the same teacher whatever ran before in this process
     model = SpeechRecognizer(cfg.model)
-    _, ctx = uses_context(cfg.losses)
-    student = RecognizerModule(model, "audio", context=uses_context(cfg.losses)[0] or ctx)
+    student = RecognizerModule(model, "audio", context=any(uses_context(cfg.losses)))
     train_ds = av_dataset(paths.train, data, vocab, video=False, audio=True, train=True, seed=cfg.train.seed)
     val = eval_loader(paths.val, data, vocab, eval_cfg.batch_size, video=False, audio=True)
     evaluator = None
@@ -265,10 +264,11 @@ def cache_source(cfg: LipreadDistillConfig) -> CacheSource:
     device = resolve_device(cfg.train.device)
     vocab = CharVocab(cfg.data.vocab)
     paths = resolve_manifests(cfg.data)
+    context = uses_context(cfg.losses)[1]
     model = obtain_teacher(cfg.teacher, cfg.data, paths, vocab, Path(cfg.run_dir), cfg.eval, device)
-    check_teacher_fits(model, cfg, vocab, uses_context(cfg.losses)[1])
+    check_teacher_fits(model, cfg, vocab, context)
     model.eval().requires_grad_(False)
-    teacher = RecognizerModule(model, "audio", context=uses_context(cfg.losses)[1], frozen=True)
+    teacher = RecognizerModule(model, "audio", context=context, frozen=True)
     dataset = av_dataset(paths.train, cfg.data, vocab, video=False, audio=True, train=False)
     from xmodal.data.av import collate_av
 
