@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from xmodal.commands.export import RUN_EXPORTERS
 from xmodal.errors import CheckpointError, ConfigError
 from xmodal.registry import Registry
 
@@ -170,6 +171,11 @@ def export_open_clip(
 EXPORTERS.register("open_clip", export_open_clip)
 
 
+def _export_open_clip_run(run_dir, out_dir=None, **kwargs) -> Path:
+    return export_run(run_dir, "open_clip", out_dir, **kwargs)
+
+
+
 # ---------------------------------------------------------------------------------------------- run folders
 
 
@@ -291,6 +297,8 @@ def export_run(
     out = Path(out_dir) if out_dir else run / "export" / fmt
     return exporter(weights, model_cfg, out, preprocess_cfg or None, overwrite=overwrite)
 
+
+RUN_EXPORTERS.register("open_clip", _export_open_clip_run)
 
 __all__ = [
     "CONFIG_NAME",

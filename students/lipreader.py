@@ -16,8 +16,8 @@ from torchvision.models.resnet import BasicBlock
 
 import xmodal.adapters.speech  # noqa: F401  (registers the video adapters with the student)
 from xmodal.errors import ConfigError
+from xmodal.nn.recognizer import TEMPORAL_ENCODERS, SequenceRecognizer, register_recognizer
 from xmodal.registry import suggest
-from xmodal.tasks.lipread.modules import TEMPORAL_ENCODERS, SequenceRecognizer, register_recognizer
 
 
 @dataclass

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xmodal.cli import register_command
+from xmodal.commands import register_command
 from xmodal.errors import DataError
 
 log = logging.getLogger(__name__)

@@ -28,15 +28,15 @@ from xmodal.data.vocab import BLANK, SOS_EOS
 from xmodal.device import resolve_device
 from xmodal.errors import CheckpointError, ConfigError
 from xmodal.fingerprint import model_fingerprint
-from xmodal.registry import Registry, suggest
-from xmodal.seqalign import lengths_to_mask
-from xmodal.tasks.lipread.modules import (
+from xmodal.nn.recognizer import (
     TEMPORAL_ENCODERS,
     EncoderOutput,
     SequenceRecognizer,
     load_recognizer,
     register_recognizer,
 )
+from xmodal.registry import Registry, suggest
+from xmodal.seqalign import lengths_to_mask
 from xmodal.teachers.clip import TEACHERS
 
 log = logging.getLogger(__name__)

@@ -7,9 +7,9 @@ from xmodal.adapters.speech import AudioAdapter, AudioContextAdapter, VideoAdapt
 from xmodal.alignment import AlignmentSpace
 from xmodal.errors import CheckpointError, ConfigError
 from xmodal.losses import build_losses
+from xmodal.nn.recognizer import RECOGNIZERS, build_recognizer, load_recognizer, save_recognizer
 from xmodal.seqalign import lengths_to_mask
 from xmodal.students.lipreader import LipReader, LipReaderConfig, tiny_lipreader_config
-from xmodal.tasks.lipread.modules import RECOGNIZERS, build_recognizer, load_recognizer, save_recognizer
 from xmodal.teachers.speech import SpeechRecognizer, SpeechRecognizerConfig
 
 

@@ -8,8 +8,8 @@ from xmodal.adapters.speech import AudioAdapter, AudioContextAdapter
 from xmodal.alignment import AlignmentSpace
 from xmodal.data.vocab import CharVocab
 from xmodal.errors import CheckpointError, ConfigError, DataError
+from xmodal.nn.recognizer import save_recognizer
 from xmodal.seqalign import lengths_to_mask
-from xmodal.tasks.lipread.modules import save_recognizer
 from xmodal.teachers.clip import TEACHERS
 from xmodal.teachers.speech import (
     WAV2VEC2_ARCHS,

@@ -5,55 +5,19 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
+from xmodal.commands import COMMANDS, GROUPS, Command, register_command
 from xmodal.errors import XmodalError
-from xmodal.registry import Registry
 
-
-@dataclass(frozen=True)
-class Command:
-    """A subcommand: `configure(parser)` adds arguments, `run(args)` does the work and returns an exit code."""
-
-    name: str
-    help: str
-    configure: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
-    description: str = ""
-
-
-COMMANDS: Registry[Command] = Registry("command")
-
-GROUPS = {
-    "eval": "evaluate a model: retrieval, zero-shot classification, lip reading",
-    "data": "generate synthetic data sets and inspect data",
-    "config": "inspect configuration files",
-}
-
-
-def register_command(
-    name: str,
-    help: str,
-    configure: Callable[[argparse.ArgumentParser], None],
-    run: Callable[[argparse.Namespace], int],
-    description: str = "",
-    *,
-    override: bool = False,
-) -> Command:
-    """Register `xmodal NAME`; a two-word name ("eval retrieval") puts it in a group."""
-    cmd = Command(name, help, configure, run, description or help)
-    COMMANDS.register(name, cmd, override=override)
-    return cmd
+__all__ = ["COMMANDS", "Command", "build_parser", "main", "register_command"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     from xmodal import __version__
-    from xmodal.commands.pending import register_pending
     from xmodal.plugins import load_plugins
 
     load_plugins()
-    register_pending()
     parser = argparse.ArgumentParser(
         prog="xmodal",
         description="Cross-modal knowledge distillation: compress CLIP models, train lip readers from speech "

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xmodal.cli import register_command
+from xmodal.commands import register_command
 from xmodal.config import LossSpec, TrainConfig, apply_overrides, dump_yaml, from_dict, to_dict
 from xmodal.io import atomic_write_json, atomic_write_text
 

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from xmodal.cli import register_command
+from xmodal.commands import register_command
 from xmodal.errors import CheckpointError
 
 
@@ -22,7 +22,7 @@ def load_for_eval(path: str | os.PathLike) -> tuple[Any, dict]:
     """(recogniser in eval mode, meta with optional "vocab", "video", "audio") from a model file or checkpoint."""
     import torch
 
-    from xmodal.tasks.lipread.modules import build_recognizer, load_recognizer
+    from xmodal.nn.recognizer import build_recognizer, load_recognizer
 
     path = Path(path)
     if path.is_dir():

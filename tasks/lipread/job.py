@@ -33,10 +33,10 @@ from xmodal.errors import ConfigError
 from xmodal.features import Features
 from xmodal.fingerprint import hash_json, model_fingerprint
 from xmodal.io import atomic_write_json
+from xmodal.nn.recognizer import SequenceRecognizer, load_recognizer, save_recognizer
 from xmodal.registry import Registry, check_kwargs
 from xmodal.tasks.lipread.config import LipreadDataConfig, LipreadDistillConfig, SpeechTeacherConfig
 from xmodal.tasks.lipread.evaluate import evaluate_lipreading
-from xmodal.tasks.lipread.modules import SequenceRecognizer, load_recognizer, save_recognizer
 
 log = logging.getLogger(__name__)
 

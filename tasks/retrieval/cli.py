@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from xmodal.cli import register_command
+from xmodal.commands import register_command
 from xmodal.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from xmodal.cli import register_command
+from xmodal.commands import register_command
 from xmodal.commands.config import add_config_args
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from xmodal.cli import register_command
+from xmodal.commands import register_command
 from xmodal.config import dump_yaml, load_job_config
 
 

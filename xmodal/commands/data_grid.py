@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from xmodal.cli import register_command
+from xmodal.commands import register_command
 
 
 def configure(p: argparse.ArgumentParser) -> None:

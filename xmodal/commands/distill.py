@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from xmodal.cli import register_command
+from xmodal.commands import register_command
 from xmodal.commands.config import add_config_args
 from xmodal.config import JOBS, load_job_config
 

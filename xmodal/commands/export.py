@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from xmodal.cli import register_command
+from xmodal.commands import register_command
+from xmodal.registry import Registry
+
+# format → fn(run, out_dir, *, checkpoint, model_config, prefix, overwrite) -> Path; students register theirs
+RUN_EXPORTERS: Registry = Registry("export format")
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -21,12 +25,9 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xmodal.students.export import export_run
-
-    out = export_run(
-        args.run, args.format, args.out, checkpoint=args.checkpoint, model_config=args.model_config,
-        prefix=args.prefix, overwrite=args.overwrite,
-    )
+    exporter = RUN_EXPORTERS.get(args.format)
+    out = exporter(args.run, args.out, checkpoint=args.checkpoint, model_config=args.model_config,
+                   prefix=args.prefix, overwrite=args.overwrite)
     print(f"exported to {out}")
     if args.format == "open_clip":
         print(f"load with: open_clip.create_model_and_transforms('local-dir:{out}')")

@@ -7,7 +7,7 @@ import importlib
 import os
 import platform
 
-from xmodal.cli import register_command
+from xmodal.commands import register_command
 
 PACKAGES = ("torch", "torchvision", "torchaudio", "open_clip", "faiss", "decord", "av", "einops", "numpy")
 
