@@ -24,7 +24,8 @@ from xmodal.errors import ConfigError
 from xmodal.fingerprint import hash_json
 from xmodal.io import atomic_write_json
 from xmodal.tasks.clip.config import ClipDistillConfig, DataConfig, TeacherConfig
-from xmodal.tasks.clip.models import ClipStudent, ClipTeacher, PairedViews, View, collate_skipping, same_pipeline
+from xmodal.tasks.clip.data import PairedViews, View, collate_skipping, same_pipeline
+from xmodal.tasks.clip.models import ClipStudent, ClipTeacher
 
 log = logging.getLogger(__name__)
 
