@@ -62,7 +62,7 @@ def test_libs_sequence_matches_formula():
 
 def test_libs_context_reads_context_keys():
     student, teacher = make(2)
-    loss = LOSSES.build("libs_context")
+    loss = LOSSES.build("libs_context", aligner="attention")
     out = loss({"video_context": student}, {"audio_context": teacher})
     assert out.loss.item() == pytest.approx(direct_frame(student, teacher).item(), rel=1e-5)
     with pytest.raises(ConfigError, match="needs student features for modality 'video_context'"):
@@ -94,6 +94,66 @@ def test_every_libs_loss_is_zero_at_the_aligned_teacher():
     assert total.loss.item() == pytest.approx(((student.pooled - teacher.pooled) ** 2).sum(-1).mean().item())
 
 
+def decoder_states(seed=7, lengths=(6, 4, 1), d=8):
+    """Decoder-context-like Features: states [B, L+1, D] over teacher-forced steps, padding zeroed."""
+    torch.manual_seed(seed)
+    tokens = torch.randn(len(lengths), max(lengths), d)
+    out = feats(tokens, list(lengths))
+    return out.replace(tokens=tokens.masked_fill(~out.mask.unsqueeze(-1), 0.0))
+
+
+def test_context_level_aligns_decoder_steps_one_to_one_by_default():
+    """Both decoders are teacher-forced on the same transcript: a student equal to the teacher has context loss 0
+    (attention alignment would blur each step with the others and give a positive loss)."""
+    teacher = decoder_states()
+    student = teacher.replace(tokens=teacher.tokens.clone().requires_grad_(True))
+    ctx = LOSSES.build("libs_context")({"video_context": student}, {"audio_context": teacher})
+    assert ctx.loss.item() == 0.0
+    total = LOSSES.build("libs", frame_weight=0.0, sequence_weight=0.0)(
+        {"video_context": student}, {"audio_context": teacher})
+    assert total.parts["context"].item() == 0.0
+    attention = LOSSES.build("libs_context", aligner="attention")({"video_context": student},
+                                                                    {"audio_context": teacher})
+    assert attention.loss.item() > 0.01  # what the identity default avoids
+    # a moved student step is measured against the teacher's state at that same step
+    moved = student.tokens.detach().clone()
+    moved[0, 2] += 1.0
+    out = LOSSES.build("libs_context")({"video_context": student.replace(tokens=moved)}, {"audio_context": teacher})
+    assert out.loss.item() == pytest.approx((1.0 * 8 / 6 + 0 + 0) / 3, rel=1e-6)
+
+
+def test_identity_context_tolerates_different_padding_widths():
+    """A cached teacher is padded to its own batch maximum: extra padding is trimmed, missing padding added."""
+    teacher = decoder_states(lengths=(3, 2))
+    wider = Features(pooled=teacher.pooled, tokens=torch.cat([teacher.tokens, torch.zeros(2, 2, 8)], 1),
+                     mask=torch.cat([teacher.mask, torch.zeros(2, 2, dtype=torch.bool)], 1))
+    loss = LOSSES.build("libs_context")
+    assert loss({"video_context": teacher}, {"audio_context": wider}).loss.item() == 0.0
+    assert loss({"video_context": wider}, {"audio_context": teacher}).loss.item() == 0.0
+    cut = decoder_states(lengths=(5, 2))
+    with pytest.raises(ValueError, match="'identity' aligner needs equal lengths"):
+        loss({"video_context": teacher}, {"audio_context": cut})
+
+
+def test_libs_passes_aligner_params_to_its_context_term():
+    student, teacher = make(6)
+    s = {"video": student, "video_context": student}
+    t = {"audio": teacher, "audio_context": teacher}
+    sharp = {"temperature": 0.05}
+    alone = LOSSES.build("libs_context", aligner="attention", aligner_params=sharp)(
+        {"video_context": student}, {"audio_context": teacher}).loss
+    default_temp = LOSSES.build("libs_context", aligner="attention")(
+        {"video_context": student}, {"audio_context": teacher}).loss
+    assert abs(alone.item() - default_temp.item()) > 1e-3  # the temperature matters here
+    shared = LOSSES.build("libs", aligner="attention", aligner_params=sharp, context_aligner="attention")(s, t)
+    assert shared.parts["context"].item() == pytest.approx(alone.item(), rel=1e-6)
+    own = LOSSES.build("libs", aligner="time", context_aligner="attention", context_aligner_params=sharp)(s, t)
+    assert own.parts["context"].item() == pytest.approx(alone.item(), rel=1e-6)
+    # the frame aligner's parameters do not go to a different context aligner (identity takes none)
+    other = LOSSES.build("libs", aligner="attention", aligner_params=sharp)
+    assert type(other.terms["context"].aligner).__name__ == "IdentityAligner"
+
+
 def test_masks_really_mask():
     student, teacher = make(4)
     losses = [LOSSES.build(n) for n in ("libs_frame", "libs_sequence")]
@@ -111,7 +171,8 @@ def test_libs_total_is_weighted_sum_of_parts():
     student, teacher = make(5)
     s = {"video": student, "video_context": student}
     t = {"audio": teacher, "audio_context": teacher}
-    out = LOSSES.build("libs", frame_weight=0.5, sequence_weight=2.0, context_weight=0.25)(s, t)
+    out = LOSSES.build("libs", frame_weight=0.5, sequence_weight=2.0, context_weight=0.25,
+                       context_aligner="attention")(s, t)
     p = out.parts
     assert set(p) == {"frame", "sequence", "context"}
     expected = 0.5 * p["frame"] + 2.0 * p["sequence"] + 0.25 * p["context"]

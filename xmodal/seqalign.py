@@ -429,15 +429,23 @@ class TimeAligner(SequenceAligner):
 
 @ALIGNERS.register("identity")
 class IdentityAligner(SequenceAligner):
-    """Sequences already on one time axis (equal lengths): teacher values pass through, masks are combined."""
+    """Sequences already on one time axis (step j of the teacher is step j of the student, e.g. decoder states
+    teacher-forced on the same transcript): teacher values pass through, masks are combined. The padded widths
+    may differ (a cached teacher is padded to its own batch maximum) as long as no real teacher step is cut."""
 
     def align(self, teacher: Features, student: Features, values: Tensor) -> Aligned:
-        if values.shape[:2] != student.mask.shape:
+        b, tv = student.mask.shape
+        tmask = teacher.mask if teacher.mask is not None else torch.ones(values.shape[:2], dtype=torch.bool,
+                                                                          device=values.device)
+        if values.shape[0] != b or (values.shape[1] > tv and bool(tmask[:, tv:].any())):
             raise ValueError(
                 f"the 'identity' aligner needs equal lengths, got teacher {list(values.shape[:2])} and student "
                 f"{list(student.mask.shape)}; use 'attention', 'ctc', 'time' or 'rate_stack'"
             )
-        tmask = teacher.mask if teacher.mask is not None else torch.ones_like(student.mask)
+        if values.shape[1] != tv:  # trim or pad the teacher's padding to the student's width
+            pad = tv - values.shape[1]
+            values = torch.nn.functional.pad(values[:, :tv], (0, 0, 0, max(pad, 0)))
+            tmask = torch.nn.functional.pad(tmask[:, :tv], (0, max(pad, 0)), value=False)
         return _zero_padding(values, student.mask & tmask)
 
 

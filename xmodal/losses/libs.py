@@ -7,10 +7,13 @@ Keys read from the aligned outputs (all in the alignment space, so widths match)
   are used for filtering).
 - context level: student `"video_context"` and teacher `"audio_context"` Features — tokens are the attention
   decoder's states for each output step (the Transformer analogue of LIBS's context vectors), mask marks real
-  steps. `VideoContextAdapter` / `AudioContextAdapter` in `xmodal.adapters.speech` produce them.
+  steps. `VideoContextAdapter` / `AudioContextAdapter` in `xmodal.adapters.speech` produce them. Both decoders
+  are teacher-forced on the same transcript, so step j of one is step j of the other: the context level aligns
+  them with `identity` by default (`attention` only when the two decoders see different label sequences).
 
 Formulas (design.md): frame `mean_j ‖ã_j − P(h^v_j)‖²` over real video frames with ã from an aligner
-(LIBS attention by default); sequence `‖P(s^v) − s^a‖²`; context: the frame formula on decoder states.
+(LIBS attention by default); sequence `‖P(s^v) − s^a‖²`; context: the frame formula on decoder states
+(identity alignment by default).
 ‖·‖² is the squared L2 norm over the feature dimension (`distance: squared`, the paper's). Two alternatives,
 chosen by `distance`: `mean_squared` divides by the width D (the same direction, a weight that does not grow with
 D), and `cosine` uses 1 − cos(a, b) = ½‖a/‖a‖ − b/‖b‖‖², scale-invariant, so the term stays in [0, 2] whatever
@@ -238,13 +241,16 @@ class LibsSequence(_LibsLoss):
 
 @register_loss("libs_context")
 class LibsContext(LibsFrame):
-    """Context level: the frame formula on attention-decoder states (`video_context` vs `audio_context`)."""
+    """Context level: the frame formula on attention-decoder states (`video_context` vs `audio_context`).
+
+    The decoders are teacher-forced on the same transcript, so their steps correspond one to one: `identity`
+    alignment. Use `aligner: attention` only when the two decoders read different label sequences."""
 
     def __init__(
         self,
         student_key: str = "video_context",
         teacher_key: str = "audio_context",
-        aligner: str = "attention",
+        aligner: str = "identity",
         aligner_params: dict | None = None,
         student_modality: str = "video",
         teacher_modality: str = "audio",
@@ -259,9 +265,22 @@ class LibsContext(LibsFrame):
         self.student_key, self.teacher_key = student_key, teacher_key  # decoder states instead of encoder states
 
 
+def context_params(aligner: str, aligner_params: dict | None, context_aligner: str,
+                   context_aligner_params: dict | None) -> dict | None:
+    """The context aligner's parameters: its own when given, else the frame aligner's when it is the same kind."""
+    if context_aligner_params is not None:
+        return context_aligner_params
+    return aligner_params if context_aligner == aligner else None
+
+
 @register_loss("libs")
 class Libs(_LibsLoss):
-    """LIBS total: frame_weight·frame + sequence_weight·sequence + context_weight·context, filtered once."""
+    """LIBS total: frame_weight·frame + sequence_weight·sequence + context_weight·context, filtered once.
+
+    `aligner`/`aligner_params` align the encoder states (frame level); `context_aligner` (identity by default:
+    decoder steps over the same transcript correspond one to one) and `context_aligner_params` the decoder
+    states. Without `context_aligner_params` the context term takes `aligner_params` when both levels use the
+    same aligner, and no parameters otherwise."""
 
     def __init__(
         self,
@@ -270,7 +289,8 @@ class Libs(_LibsLoss):
         context_weight: float = 1.0,
         aligner: str = "attention",
         aligner_params: dict | None = None,
-        context_aligner: str = "attention",
+        context_aligner: str = "identity",
+        context_aligner_params: dict | None = None,
         student_context_key: str = "video_context",
         teacher_context_key: str = "audio_context",
         student_modality: str = "video",
@@ -287,7 +307,9 @@ class Libs(_LibsLoss):
         self.terms = {
             "frame": LibsFrame(aligner, aligner_params, **mods),
             "sequence": LibsSequence(**mods),
-            "context": LibsContext(student_context_key, teacher_context_key, context_aligner, **mods),
+            "context": LibsContext(student_context_key, teacher_context_key, context_aligner,
+                                   context_params(aligner, aligner_params, context_aligner, context_aligner_params),
+                                   **mods),
         }
 
     def forward(self, student: Outputs, teacher: Outputs | None = None, batch: Mapping | None = None) -> LossOutput:
