@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xmodal.errors import ConfigError
+from xmodal.errors import ConfigError, DataError
 from xmodal.features import Features
 from xmodal.losses import LOSSES
 from xmodal.seqalign import lengths_to_mask, time_resample
@@ -118,3 +118,65 @@ def test_ctc_kd_sample_weight_and_vocab_mismatch():
     assert a.loss.item() == pytest.approx(b.loss.item(), rel=1e-5)
     with pytest.raises(ValueError, match="same label set"):
         loss({"video": seq_feats(torch.randn(2, 4, 7), [4, 4])}, {"audio": seq_feats(t_logits, [4, 4])})
+
+
+def direct_ctc(logits, frames, target):
+    """CTC of one sample written with torch's own function, divided by the target length."""
+    lp = logits[:frames].log_softmax(-1).unsqueeze(1)
+    value = F.ctc_loss(lp, torch.tensor([target]), torch.tensor([frames]), torch.tensor([len(target)]),
+                       reduction="sum")
+    return value / len(target)
+
+
+def test_ctc_leaves_infeasible_samples_out_of_the_mean(caplog):
+    """A transcript longer than its input allows (or with repeats that need separating blanks) has no alignment:
+    it is neither averaged in as 0 nor hidden; the mean is over the feasible labelled samples only."""
+    torch.manual_seed(4)
+    logits = torch.randn(4, 6, 7, requires_grad=True)
+    targets = torch.tensor([[2, 3, 4, -1, -1, -1, -1],  # feasible: 3 labels in 6 frames
+                            [2, 3, 4, 5, 6, 2, 3],      # 7 labels in 6 frames: infeasible
+                            [2, 2, 3, 3, -1, -1, -1],   # 4 labels + 2 separating blanks = 6 > 5 frames: infeasible
+                            [5, 5, 6, -1, -1, -1, -1]])  # 3 + 1 = 4 <= 4 frames: feasible
+    lengths = [6, 6, 5, 4]
+    batch = {"targets": targets, "ids": ["ok", "too-long", "repeats", "tight"]}
+    with caplog.at_level("WARNING", logger="xmodal.losses.ctc"):
+        out = LOSSES.build("ctc")({"video": seq_feats(logits, lengths)}, None, batch)
+    expected = (direct_ctc(logits[0], 6, [2, 3, 4]) + direct_ctc(logits[3], 4, [5, 5, 6])) / 2
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert out.parts["labelled"].item() == 4 and out.parts["infeasible"].item() == 2
+    assert "'too-long' (6 frames, needs 7)" in caplog.text and "'repeats' (5 frames, needs 6)" in caplog.text
+    out.loss.backward()
+    assert logits.grad[1].abs().sum() == 0 and logits.grad[2].abs().sum() == 0
+
+
+def test_ctc_batch_without_any_feasible_sample_is_an_error_not_a_zero():
+    logits = torch.randn(2, 3, 7)
+    targets = torch.tensor([[2, 3, 4, 5], [6, 6, 6, -1]])
+    with pytest.raises(DataError, match=r"no labelled sample.*'a' \(3 frames, needs 4\).*'b' \(3 frames, needs 5\)"):
+        LOSSES.build("ctc")({"video": seq_feats(logits, [3, 3])}, None, {"targets": targets, "ids": ["a", "b"]})
+
+
+def test_supervised_losses_count_the_labelled_samples_they_saw():
+    torch.manual_seed(5)
+    targets = torch.tensor([[4, 5], [-1, -1], [6, -1]])
+    ctc = LOSSES.build("ctc")({"video": seq_feats(torch.randn(3, 6, 9), [6, 6, 6])}, None, {"targets": targets})
+    assert ctc.parts["labelled"].item() == 2
+    ctx = Features(pooled=torch.zeros(3, 2), tokens=torch.zeros(3, 3, 2), mask=torch.ones(3, 3, dtype=torch.bool),
+                   logits=torch.randn(3, 3, 9, requires_grad=True))
+    ce = LOSSES.build("attention_ce")({"video_context": ctx}, None, {"targets": targets})
+    assert ce.parts["labelled"].item() == 2
+    none = LOSSES.build("attention_ce")({"video_context": ctx}, None, {"targets": torch.full((3, 2), -1)})
+    assert none.loss.item() == 0.0 and none.loss.requires_grad and none.parts["labelled"].item() == 0
+    assert LOSSES.get("ctc").supervised and LOSSES.get("attention_ce").supervised
+    assert not getattr(LOSSES.get("ctc_kd"), "supervised", False)
+
+
+def test_ctc_kd_leaves_infeasible_pseudo_labels_out_of_its_ctc_term():
+    t_logits = peaky([[2, 0, 3, 0, 4, 0], [2, 0, 2, 0, 2, 0]])  # teacher transcripts [2, 3, 4] and [2, 2, 2]
+    teacher = {"audio": seq_feats(t_logits, [6, 6])}
+    torch.manual_seed(6)
+    s_logits = torch.randn(2, 4, 6)
+    student = {"video": seq_feats(s_logits, [4, 4])}  # [2, 2, 2] needs 5 frames
+    out = LOSSES.build("ctc_kd", kl_weight=0.0)(student, teacher, {})
+    assert out.parts["ctc"].item() == pytest.approx(direct_ctc(s_logits[0], 4, [2, 3, 4]).item(), rel=1e-5)
+    assert out.parts["ctc_infeasible"].item() == 1
