@@ -220,6 +220,25 @@ def test_transcript_errors_name_the_sample(corpus, rows, tmp_path):
     assert AVSpeechDataset(m, CharVocab(), video=None, audio=AUDIO)[0]["transcript"] == "set blue at a now"
 
 
+def test_require_transcripts_names_the_key_looked_for_and_the_keys_present(corpus, rows, tmp_path):
+    from xmodal.data.av import count_transcripts, require_transcripts
+
+    text_key = [{("text" if k == "transcript" else k): v for k, v in absolute(corpus, r).items()} for r in rows[:2]]
+    records = read_av_manifest(write_manifest(tmp_path / "text.jsonl", text_key))
+    with pytest.raises(DataError, match=r"text\.jsonl: none of its 2 records has the key 'transcript' \(keys present: "
+                                        r"audio, id, speaker, text, video\), but the losses need"):
+        require_transcripts(records, "the losses")
+    empty = [absolute(corpus, r, transcript=" ,. ") for r in rows[:2]]
+    with pytest.raises(DataError, match="the key 'transcript' is empty in all 2 records"):
+        require_transcripts(read_av_manifest(write_manifest(tmp_path / "empty.jsonl", empty)), "scoring")
+    some = [absolute(corpus, rows[0]), absolute(corpus, rows[1], transcript=None)]
+    assert require_transcripts(read_av_manifest(write_manifest(tmp_path / "some.jsonl", some)), "x") == 1
+    in_memory = [avdata.AVRecord(id="a", video=tmp_path / "a.mp4", extra={"text": "hi"})]
+    assert count_transcripts(in_memory) == 0
+    with pytest.raises(DataError, match=r"keys present: id, text, video"):
+        require_transcripts(in_memory, "x")
+
+
 # ---------------------------------------------------------------------------------------------- audio
 
 

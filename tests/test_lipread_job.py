@@ -1,6 +1,7 @@
 """The lipread_distill job end to end on a tiny hand-made corpus, and `xmodal eval lipread` on its outputs."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,8 @@ import torch
 
 from xmodal.cli import main
 from xmodal.config import LossSpec, from_dict
-from xmodal.errors import CheckpointError, ConfigError
+from xmodal.data.vocab import CharVocab
+from xmodal.errors import CheckpointError, ConfigError, DataError
 from xmodal.plugins import load_plugins
 
 
@@ -259,3 +261,98 @@ def test_wav2vec2_teacher_config_errors_say_what_to_set(corpus, wav2vec2_file, t
         job.run(from_dict(LipreadDistillConfig, trained_here))
     with pytest.raises(ConfigError, match="audio.features must be one of"):
         run(data=lambda d: {**d, "audio": {"features": "mfcc"}})
+
+
+def relabelled_corpus(corpus, out, change, splits=("train",)):
+    """A copy of the corpus manifests (absolute media paths) with `change(row, index)` applied to `splits`."""
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val", "test"):
+        rows = [json.loads(line) for line in (corpus / f"{split}.jsonl").read_text().splitlines()]
+        rows = [{**r, "video": str(corpus / r["video"]), "audio": str(corpus / r["audio"])} for r in rows]
+        if split in splits:
+            rows = [change(r, i) for i, r in enumerate(rows)]
+        (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def empty_transcripts(row, i):
+    return {**row, "transcript": ""}
+
+
+def text_key(row, i):
+    return {k if k != "transcript" else "text": v for k, v in row.items()}
+
+
+@pytest.mark.parametrize("change, why", [
+    (empty_transcripts, r"the key 'transcript' is empty in all 3 records \(keys present: audio, id, transcript, "
+                        r"video\)"),
+    (text_key, r"none of its 3 records has the key 'transcript' \(keys present: audio, id, text, video\)"),
+])
+def test_training_without_any_transcript_is_refused_before_anything_trains(corpus, tmp_path, capsys, change, why):
+    """Supervised losses on a manifest without usable transcripts used to train with loss 0.0 and exit 0."""
+    import yaml
+
+    data = relabelled_corpus(corpus, tmp_path / "data", change)
+    cfg = job_config(data, tmp_path / "run")
+    cfg_path = tmp_path / "lip.yaml"
+    cfg_path.write_text(yaml.safe_dump({"job": "lipread_distill", **cfg}))
+    assert main(["distill", str(cfg_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{data / 'train.jsonl'}: " in err and "student's supervised losses (ctc, attention_ce)" in err
+    assert re.search(why, err)
+    assert not (tmp_path / "run" / "lipreader.pt").exists() and not (tmp_path / "run" / "teacher").exists()
+    assert not list((tmp_path / "run").glob("**/*.pt")) and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_unlabelled_eval_manifests_and_teacher_data_are_refused(corpus, tmp_path):
+    load_plugins()
+    from xmodal.config import JOBS
+    from xmodal.tasks.lipread.config import LipreadDistillConfig
+    from xmodal.tasks.lipread.job import obtain_teacher, resolve_manifests
+
+    data = relabelled_corpus(corpus, tmp_path / "data", empty_transcripts, splits=("test",))
+    cfg = from_dict(LipreadDistillConfig, job_config(data, tmp_path / "run"))
+    with pytest.raises(DataError, match=r"test\.jsonl: the key 'transcript' is empty.*CER/WER scoring on data\.test"):
+        JOBS.get("lipread_distill").run(cfg)
+    assert not (tmp_path / "run").exists()
+    # a teacher trained here learns from transcripts too (e.g. through `xmodal cache`)
+    data = relabelled_corpus(corpus, tmp_path / "data2", text_key)
+    cfg = from_dict(LipreadDistillConfig, job_config(data, tmp_path / "run2"))
+    with pytest.raises(DataError, match=r"has the key 'transcript'.*teacher's supervised losses \(ctc, attention_ce\)"):
+        obtain_teacher(cfg.teacher, cfg.data, resolve_manifests(cfg.data), CharVocab(), tmp_path / "run2", cfg.eval,
+                       torch.device("cpu"))
+
+
+def test_semi_supervised_training_on_some_transcripts_still_runs(corpus, tmp_path):
+    """One transcript in three is enough; the supervised losses log how many labelled samples each step saw."""
+    load_plugins()
+    from xmodal.config import JOBS
+    from xmodal.tasks.lipread.config import LipreadDistillConfig
+
+    data = relabelled_corpus(corpus, tmp_path / "data", lambda r, i: r if i == 0 else {**r, "transcript": None})
+    one_step = dict(steps=1, batch_size=3, lr=1e-3, warmup_steps=0, log_every=1, eval_every=0, ckpt_every=0)
+    cfg = job_config(data, tmp_path / "run", train=one_step)
+    cfg["teacher"]["train"] = one_step
+    results = JOBS.get("lipread_distill").run(from_dict(LipreadDistillConfig, cfg))
+    assert results["student"]["num_utterances"] == 3
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    step = next(r for r in records if "loss" in r)
+    assert step["loss/ctc/labelled"] == 1 and step["loss/attention_ce/labelled"] == 1
+
+
+def test_eval_lipread_refuses_a_manifest_without_references(corpus, tmp_path, capsys):
+    """`xmodal eval lipread` used to print "cer": NaN and exit 0."""
+    from xmodal.nn.recognizer import save_recognizer
+    from xmodal.students.lipreader import LipReader, LipReaderConfig
+
+    tiny = dict(dim=16, num_layers=1, num_heads=2, ffn_dim=32, decoder_ffn_dim=32, conv_kernel=3, dropout=0.0)
+    model = LipReader(LipReaderConfig(width_mult=0.0625, blocks=[1, 1, 1, 1], encoder="transformer", **tiny))
+    save_recognizer(model, tmp_path / "lipreader.pt", meta={"vocab": CharVocab().to_dict(), "video": {"crop_size": 24}})
+    for change in (empty_transcripts, text_key):
+        data = relabelled_corpus(corpus, tmp_path / change.__name__, change, splits=("test",))
+        out = tmp_path / f"{change.__name__}.json"
+        code = main(["eval", "lipread", "--checkpoint", str(tmp_path / "lipreader.pt"), "--manifest",
+                     str(data / "test.jsonl"), "--output", str(out)])
+        captured = capsys.readouterr()
+        assert code == 2 and "NaN" not in captured.out and not out.exists()
+        assert f"{data / 'test.jsonl'}: " in captured.err and "'transcript'" in captured.err

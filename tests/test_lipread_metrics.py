@@ -76,3 +76,18 @@ def test_evaluate_lipreading_scores_and_skips_unlabeled():
     assert evaluate_lipreading(model, [by_targets], vocab)["cer"] == pytest.approx(1 / 4)
     with pytest.raises(DataError, match="reads batch\\['audio'\\]"):
         evaluate_lipreading(model, [batch], vocab, input_key="audio")
+
+
+def test_evaluate_lipreading_without_references_is_an_error_not_nan():
+    vocab = CharVocab()
+    model = FixedCTC([[0, 0, 0]] * 2)
+    batch = {"video": torch.zeros(2, 3, 1, 4, 4), "video_mask": lengths_to_mask(torch.tensor([3, 3]), 3),
+             "transcripts": ["", " ... "], "ids": ["s0", "s1"]}
+    with pytest.raises(DataError, match=r"no reference transcript to score in manifest m\.jsonl: 2 utterance"):
+        evaluate_lipreading(model, [batch], vocab, source="manifest m.jsonl")
+    with pytest.raises(DataError, match=r"the first 1 batches of the evaluation data"):
+        evaluate_lipreading(model, [batch, batch], vocab, max_batches=1)
+    from xmodal.tasks.lipread.evaluate import check_scores
+
+    with pytest.raises(DataError, match="CER on x is not a number"):
+        check_scores({"num_utterances": 1, "skipped": 0, "cer": math.nan, "wer": 0.5, "chars": 0, "words": 1}, "x")

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
     from xmodal.config import from_dict
-    from xmodal.data.av import AudioConfig, AVSpeechDataset, VideoConfig, collate_av
+    from xmodal.data.av import AudioConfig, AVSpeechDataset, VideoConfig, collate_av, require_transcripts
     from xmodal.data.vocab import CharVocab
     from xmodal.device import resolve_device
     from xmodal.io import atomic_write_json
@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         audio = from_dict(AudioConfig, meta.get("audio") or {}, source=f"{args.checkpoint} (audio settings)")
     ds = AVSpeechDataset(args.manifest, vocab, video=video, audio=audio, train=False, require_transcript=False)
+    require_transcripts(ds.records, "CER/WER scoring")  # before decoding anything
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False, collate_fn=collate_av)
     options: dict[str, Any] = {}
     if args.decoder in ("beam", "joint"):
@@ -109,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     if args.decoder == "joint":
         options["ctc_weight"] = args.ctc_weight
     result = evaluate_lipreading(model, loader, vocab, args.decoder, input_key=args.modality, device=device,
-                                 max_batches=args.max_batches, num_examples=args.examples, **options)
+                                 max_batches=args.max_batches, num_examples=args.examples,
+                                 source=f"manifest {args.manifest}", **options)
     result["checkpoint"], result["manifest"] = str(args.checkpoint), str(args.manifest)
     if args.output:
         atomic_write_json(args.output, result)

@@ -3,11 +3,13 @@
 A batch is a dict with the model's input (batch["video"] + batch["video_mask"] by default; pass
 input_key="audio" for a speech recogniser), and references in batch["transcripts"] (strings) or
 batch["targets"] (ids padded with -1). Samples whose normalised reference is empty have no transcript and
-are left out of the scores (counted in `skipped`).
+are left out of the scores (counted in `skipped`). Scores over no reference at all would be NaN: that is a
+DataError naming the manifest, never a result.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -30,6 +32,26 @@ def batch_references(batch: Mapping[str, Any], vocab: Any) -> list[str]:
     raise DataError(f"evaluation needs batch['transcripts'] or batch['targets']; the batch has {', '.join(batch)}")
 
 
+def loader_source(loader: Any) -> str:
+    """The manifest a loader reads (its data set's records' source), for error messages."""
+    records = getattr(getattr(loader, "dataset", None), "records", None)
+    sources = sorted({getattr(r, "source", "?") for r in records}) if records else []
+    return "manifest " + ", ".join(sources) if sources else "the evaluation data"
+
+
+def check_scores(result: Mapping[str, Any], source: str, max_batches: int | None = None) -> None:
+    """A DataError when there was nothing to score (no reference transcript) or a score is not finite."""
+    seen = f"the first {max_batches} batches of " if max_batches is not None else ""
+    if not result["num_utterances"]:
+        raise DataError(f"no reference transcript to score in {seen}{source}: {result['skipped']} utterance(s), all "
+                        "with an empty or missing 'transcript'; CER/WER need references (put each utterance's text "
+                        "under 'transcript')")
+    bad = [k for k in ("cer", "wer") if not math.isfinite(float(result[k]))]
+    if bad:
+        raise DataError(f"{' and '.join(k.upper() for k in bad)} on {seen}{source} is not a number "
+                        f"({result['chars']} reference characters, {result['words']} words); check the transcripts")
+
+
 @torch.no_grad()
 def evaluate_lipreading(
     model: nn.Module,
@@ -42,12 +64,14 @@ def evaluate_lipreading(
     device: str | torch.device | None = None,
     max_batches: int | None = None,
     num_examples: int = 5,
+    source: str | None = None,
     **decoder_options: Any,
 ) -> dict[str, Any]:
     """Decode every batch and score it: {"cer", "wer", "num_utterances", "skipped", "decoder", "examples", ...}.
 
     `decoder` is "greedy", "beam" (CTC prefix beam search) or "joint" (CTC/attention); options such as
-    beam_size and ctc_weight pass through to the decoder.
+    beam_size and ctc_weight pass through to the decoder. `source` names the data in errors (default: the
+    loader's manifest); no reference to score is a DataError.
     """
     DECODERS.get(decoder)
     device = resolve_device(device or next(model.parameters()).device)
@@ -80,5 +104,7 @@ def evaluate_lipreading(
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start
-    return {**rates.summary(), "skipped": skipped, "decoder": decoder, "seconds": round(seconds, 3),
-            "examples": examples}
+    result = {**rates.summary(), "skipped": skipped, "decoder": decoder, "seconds": round(seconds, 3),
+              "examples": examples}
+    check_scores(result, source or loader_source(loader), max_batches)
+    return result

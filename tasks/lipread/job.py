@@ -140,6 +140,27 @@ def eval_loader(manifest: Path | None, cfg: LipreadDataConfig, vocab: CharVocab,
     return DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate_av)
 
 
+def supervised_losses(losses: Sequence[LossSpec]) -> list[str]:
+    """Labels of the configured losses (weight ≠ 0) that learn from reference transcripts (`supervised`)."""
+    from xmodal.losses import LOSSES
+
+    return [s.label or s.name for s in losses if s.weight and getattr(LOSSES.get(s.name), "supervised", False)]
+
+
+def check_labels(paths: Manifests, losses: Sequence[LossSpec], who: str = "student") -> None:
+    """Before anything trains: with supervised losses the training manifest must hold some transcript (any
+    fraction: semi-supervised training is fine), and val/test manifests must hold references to score."""
+    from xmodal.data.av import read_av_manifest, require_transcripts
+
+    names = supervised_losses(losses)
+    if names:
+        require_transcripts(read_av_manifest(paths.train), f"the {who}'s supervised losses ({', '.join(names)})")
+    for split in ("val", "test"):
+        manifest = getattr(paths, split)
+        if manifest is not None:
+            require_transcripts(read_av_manifest(manifest), f"CER/WER scoring on data.{split}")
+
+
 def _scores(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(metrics[k]) for k in ("cer", "wer")}
 
@@ -229,6 +250,7 @@ def obtain_teacher(cfg: SpeechTeacherConfig, data: LipreadDataConfig, paths: Man
     model = SpeechRecognizer(cfg.model)
     student = RecognizerModule(model, "audio", context=any(uses_context(cfg.losses)))
     train_ds = av_dataset(paths.train, data, vocab, video=False, audio=True, train=True, seed=cfg.train.seed)
+    check_labels(Manifests(paths.train, paths.val, None), cfg.losses, "teacher")
     val = eval_loader(paths.val, data, vocab, eval_cfg.batch_size, video=False, audio=True)
     evaluator = None
     if val is not None:
@@ -297,6 +319,7 @@ def run(cfg: LipreadDistillConfig) -> dict[str, Any]:
         raise ConfigError(f"student.vocab_size is {cfg.student.vocab_size} but the vocabulary has {len(vocab)} "
                           "tokens (<blank>, <sos/eos> and data.vocab)")
     paths = resolve_manifests(cfg.data)
+    check_labels(paths, cfg.losses)
     s_ctx, t_ctx = uses_context(cfg.losses)
 
     teacher_model = teacher = teacher_file = None

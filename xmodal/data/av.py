@@ -92,9 +92,18 @@ class AVRecord:
     source: str = "<memory>"
     line: int = 0
     extra: dict = field(default_factory=dict, compare=False)
+    keys: tuple[str, ...] = field(default=(), compare=False)  # the keys of its manifest line, as written
+
+    def manifest_keys(self) -> tuple[str, ...]:
+        """The keys of the manifest line (for records built in memory: the fields that are set)."""
+        if self.keys:
+            return self.keys
+        known = tuple(k for k in _KNOWN_KEYS if getattr(self, k) is not None)
+        return known + tuple(self.extra)
 
 
-_KNOWN_KEYS = ("id", "video", "audio", "transcript", "speaker")
+TRANSCRIPT_KEY = "transcript"  # the manifest key holding the reference text
+_KNOWN_KEYS = ("id", "video", "audio", TRANSCRIPT_KEY, "speaker")
 
 
 def read_av_manifest(path: str | Path) -> list[AVRecord]:
@@ -141,10 +150,30 @@ def read_av_manifest(path: str | Path) -> list[AVRecord]:
             source=str(path),
             line=n,
             extra={k: v for k, v in row.items() if k not in _KNOWN_KEYS},
+            keys=tuple(row),
         ))
     if not records:
         raise DataError(f"manifest {path} has no records")
     return records
+
+
+def count_transcripts(records: Sequence[AVRecord]) -> int:
+    """How many records have a transcript that is not empty after normalisation."""
+    return sum(bool(CharVocab.normalize(r.transcript or "")) for r in records)
+
+
+def require_transcripts(records: Sequence[AVRecord], needed_by: str) -> int:
+    """The number of records with a usable transcript (any fraction will do, e.g. semi-supervised training); with
+    none, a DataError naming the manifest, the key looked for and the keys the manifest has."""
+    n = count_transcripts(records)
+    if n:
+        return n
+    sources = ", ".join(sorted({r.source for r in records})) or "<empty manifest>"
+    keys = sorted({k for r in records for k in r.manifest_keys()})
+    why = (f"the key {TRANSCRIPT_KEY!r} is empty in all {len(records)} records" if TRANSCRIPT_KEY in keys
+           else f"none of its {len(records)} records has the key {TRANSCRIPT_KEY!r}")
+    raise DataError(f"{sources}: {why} (keys present: {', '.join(keys) or 'none'}), but {needed_by} need reference "
+                    f"transcripts; put each utterance's text under {TRANSCRIPT_KEY!r}, or drop those losses")
 
 
 # ----------------------------------------------------------------------------------------------- video
