@@ -1,9 +1,12 @@
-"""Two gloo processes give the single-process loss, gradients and training run on the same global batch."""
+"""Two gloo processes give the single-process loss, gradients and training run on the same global batch, also
+when an image cannot be read."""
 
 from __future__ import annotations
 
 import json
+import time
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -17,6 +20,7 @@ from xmodal.losses import build_losses
 
 WORLD = 2
 GLOBAL_BATCH = 8
+TIMEOUT_S = 180  # a hung collective fails the test instead of hanging the suite
 LOSSES = [{"name": "affinity", "params": {"learn_scale": True}}, {"name": "clip", "weight": 0.5}]
 
 
@@ -71,8 +75,20 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def spawn(fn, args: tuple) -> None:
+    """Run `fn(rank, *args)` in WORLD processes; fail (and stop them) if they do not finish within TIMEOUT_S."""
+    ctx = mp.spawn(fn, args=args, nprocs=WORLD, join=False)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"the {WORLD} processes did not finish within {TIMEOUT_S} s (a collective hung)")
+
+
 def test_two_process_gloo_matches_single_process(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn(_worker, (str(tmp_path / "init"), str(tmp_path)))
     single = loss_and_grads(global_batch(), distributed=False)
     assert single["grads"]
     for rank in range(WORLD):
@@ -101,3 +117,68 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     ]
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "step_0000003.pt", weights_only=True)
     assert ckpt["world_size"] == WORLD and len(ckpt["rng_per_rank"]) == WORLD
+
+
+# ---------------------------------------------------------------- an unreadable image under DDP
+
+
+def image_vector(image) -> torch.Tensor:
+    """A 2x2 RGB image as the 12-vector the tiny towers read."""
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(image.resize((2, 2)), dtype=np.float32).reshape(12) / 255.0)
+
+
+def caption_vector(texts: list[str]) -> torch.Tensor:
+    return torch.tensor([[float(b) / 255.0 for b in t.encode().ljust(10, b"\0")[:10]] for t in texts])
+
+
+def write_broken_data(folder) -> str:
+    """10 small images and a CSV that also lists one missing image."""
+    import numpy as np
+    from PIL import Image
+
+    (folder / "img").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = ["img/missing.png,nothing here"]
+    for k in range(10):
+        Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).save(folder / "img" / f"{k}.png")
+        rows.append(f"img/{k}.png,caption {k}")
+    (folder / "d.csv").write_text("filepath,title\n" + "\n".join(rows) + "\n")
+    return str(folder / "d.csv")
+
+
+def fit_broken(csv: str, run_dir) -> dict:
+    from xmodal.data.image_text import ImageTextDataset
+    from xmodal.tasks.clip.data import PairedViews, View, collate_skipping
+
+    cfg = TrainConfig(steps=3, batch_size=GLOBAL_BATCH, lr=1e-2, warmup_steps=1, log_every=1, device="cpu",
+                      clip_grad_norm=None)
+    data = PairedViews(ImageTextDataset(csv, on_error="skip"), [View(image_vector, caption_vector)])
+    student = TwoTower(16, seed=2)
+    result = Distiller(student, build_losses(LOSSES), data, cfg, run_dir, teacher=TwoTower(24, seed=1),
+                       collate_fn=collate_skipping, progress=False).fit()
+    return {"state": student.state_dict(), "loss": result["loss"], "skipped": result["skipped_samples"]}
+
+
+def _broken_worker(rank: int, init_file: str, out_dir: str, csv: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        torch.save(fit_broken(csv, f"{out_dir}/run"), f"{out_dir}/broken_rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_unreadable_image_keeps_ranks_in_step(tmp_path):
+    """The missing image is replaced on its rank, so gathered losses see equal batches: no hang, no divergence,
+    the same run as one process, and the skipped key counted once."""
+    csv = write_broken_data(tmp_path / "data")
+    spawn(_broken_worker, (str(tmp_path / "init"), str(tmp_path), csv))
+    reference = fit_broken(csv, tmp_path / "single")
+    assert reference["skipped"] == 1
+    for rank in range(WORLD):
+        run = torch.load(tmp_path / f"broken_rank{rank}.pt", weights_only=True)
+        for k, v in reference["state"].items():
+            torch.testing.assert_close(run["state"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+        assert abs(run["loss"] - reference["loss"]) < 1e-5 and run["skipped"] == 1

@@ -361,8 +361,10 @@ class AVSpeechDataset(Dataset):
     (or the waveform [N] with `features: waveform`),
     transcript (normalised), targets (long [L]). Pass `video=None` or `audio=None` to skip a modality.
 
-    Augmentation is seeded per (seed, epoch, index) through a torch Generator, so it is reproducible with
-    any number of DataLoader workers; call `set_epoch` to vary it between epochs.
+    Augmentation (crop, flip, time masks) is a pure function of (seed, sample id, epoch) through a torch
+    Generator, so it is reproducible with any number of DataLoader workers and follows a sample when the manifest
+    is reordered; the engine calls `set_epoch` in every loading process to vary it between epochs. The manifest
+    id is the sample key (`sample_key`, the items' "id").
     """
 
     def __init__(
@@ -400,9 +402,13 @@ class AVSpeechDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def sample_key(self, index: int) -> str:
+        return self.records[index].id
+
     def _generator(self, index: int) -> torch.Generator:
-        state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1, np.uint64)[0]
-        return torch.Generator().manual_seed(int(state) & (2**63 - 1))
+        from xmodal.engine.data import sample_seed
+
+        return torch.Generator().manual_seed(sample_seed(self.seed, self.records[index].id, self.epoch))
 
     def __getitem__(self, index: int) -> dict:
         rec = self.records[index]

@@ -1,10 +1,17 @@
 """Image-text data sets in open_clip's formats (CSV/TSV with `filepath`/`title`, JSON lines), with captions
-grouped per image for retrieval and unreadable images skipped or reported by file and line."""
+grouped per image for retrieval and unreadable images skipped or reported by file and line.
+
+Sample keys are the image reference as written in the file (normalised, e.g. `./img/a.png` → `img/a.png`), so they
+stay with their image when rows are reordered or the folder moves. With `caption_sampling="all"` each caption is
+a sample, keyed `<image>#<8 hex digits of the caption's blake2b>`; an (image, caption) pair repeated in the file
+gets `.2`, `.3`, ... in file order (same inputs, so which repeat is which does not matter) and a warning.
+"""
 
 from __future__ import annotations
 
 import bisect
 import csv
+import hashlib
 import json
 import logging
 import multiprocessing as mp
@@ -38,12 +45,18 @@ def _image_errors() -> tuple[type[BaseException], ...]:
 
 @dataclass
 class ImageTextRecord:
-    """One image (absolute path) and all its captions, in file order; `line` is where it first appears."""
+    """One image (absolute path) and all its captions, in file order; `line` is where it first appears.
+
+    `ref` is the image reference as written in the file (normalised): the sample key. `lines` holds each
+    caption's line.
+    """
 
     image: str
     captions: list[str] = field(default_factory=list)
     line: int = 0
     source: str = ""
+    ref: str = ""
+    lines: list[int] = field(default_factory=list)
 
     @property
     def where(self) -> str:
@@ -96,9 +109,11 @@ class _Grouper:
         key = _resolve(self.root, image.strip())
         rec = self.records.get(key)
         if rec is None:
-            self.records[key] = ImageTextRecord(key, clean, line, str(self.path))
+            self.records[key] = ImageTextRecord(key, clean, line, str(self.path), os.path.normpath(image.strip()),
+                                                [line] * len(clean))
         else:
             rec.captions.extend(clean)
+            rec.lines.extend([line] * len(clean))
 
     def result(self) -> list[ImageTextRecord]:
         if not self.records:
@@ -194,14 +209,37 @@ def read_records(
     )
 
 
+def caption_keys(records: Sequence[ImageTextRecord]) -> list[str]:
+    """One stable key per (image, caption) pair, in record then caption order (see the module docstring)."""
+    keys: list[str] = []
+    seen: dict[str, int] = {}
+    repeats: list[str] = []
+    for rec in records:
+        lines = rec.lines if len(rec.lines) == len(rec.captions) else [rec.line] * len(rec.captions)
+        for caption, line in zip(rec.captions, lines):
+            key = f"{rec.ref or rec.image}#{hashlib.blake2b(caption.encode('utf-8'), digest_size=4).hexdigest()}"
+            n = seen[key] = seen.get(key, 0) + 1
+            if n > 1:
+                key = f"{key}.{n}"
+                repeats.append(f"{rec.source}:{line}" if rec.source else f"line {line}")
+            keys.append(key)
+    if repeats:
+        log.warning("%s: %d (image, caption) pair(s) repeat an earlier row (first: %s); each repeat is its own "
+                    "sample, keyed <image>#<caption hash>.<n>", records[0].source or "image-text data",
+                    len(repeats), repeats[0])
+    return keys
+
+
 class ImageTextDataset:
     """A torch-compatible map-style data set of image-caption pairs.
 
-    Items are dicts `{"image": transform(PIL RGB), "text": token ids or caption, "index", "image_index"}`.
-    A missing or unreadable image raises DataError (`on_error="raise"`) or yields None (`"skip"`), is logged
-    once and counted in `skipped` — shared with DataLoader workers. `collate_image_text` drops the Nones.
-    `caption_sampling`: "first" caption per image, a "random" one (seeded by seed, index and epoch), or
-    "all" (one item per image-caption pair).
+    Items are dicts `{"id": sample key, "image": transform(PIL RGB), "text": token ids or caption, "index",
+    "image_index"}`. A missing or unreadable image raises DataError (`on_error="raise"`) or yields None
+    (`"skip"`), is logged once and counted in `skipped` — shared with DataLoader workers. The engine replaces
+    a None by another sample; `collate_image_text` (outside the engine) drops it.
+    `caption_sampling`: "first" caption per image, a "random" one, or "all" (one item per image-caption pair).
+    Randomness (the caption drawn, a random `transform`) is a pure function of (seed, sample key, epoch):
+    the engine calls `set_epoch` in every loading process.
     """
 
     def __init__(
@@ -236,6 +274,7 @@ class ImageTextDataset:
         # cumulative caption counts: item k of "all" mode is caption (k - starts[i]) of record i
         self._starts = np.cumsum([0] + [len(r.captions) for r in self.records[:-1]]).tolist()
         self._n_pairs = sum(len(r.captions) for r in self.records)
+        self._keys = caption_keys(self.records) if caption_sampling == "all" else None
         # one byte per record, in shared memory so DataLoader workers' skips are seen by the main process
         self._bad = mp.RawArray("b", len(self.records))
 
@@ -243,8 +282,14 @@ class ImageTextDataset:
         return self._n_pairs if self.caption_sampling == "all" else len(self.records)
 
     def set_epoch(self, epoch: int) -> None:
-        """Change which caption "random" sampling draws for each image."""
+        """Change which caption "random" sampling draws and what a random transform does, per sample."""
         self.epoch = int(epoch)
+
+    def sample_key(self, index: int) -> str:
+        """The item's stable key: its image reference as written (plus a caption hash in "all" mode)."""
+        if self._keys is not None:
+            return self._keys[self._check(index)]
+        return self.records[self._check(index)].ref
 
     @property
     def skipped(self) -> int:
@@ -256,18 +301,23 @@ class ImageTextDataset:
         bad = np.flatnonzero(np.frombuffer(self._bad, dtype=np.int8))
         return [self.records[i].image for i in bad]
 
-    def locate(self, index: int) -> tuple[int, int]:
-        """(record index, caption index) of an item."""
+    def _check(self, index: int) -> int:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} items in {self.path}")
-        index %= len(self)
+        return index % len(self)
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(record index, caption index) of an item; a "random" caption depends on (seed, image key, epoch)."""
+        from xmodal.engine.data import sample_seed
+
+        index = self._check(index)
         if self.caption_sampling == "all":
             rec = bisect.bisect_right(self._starts, index) - 1
             return rec, index - self._starts[rec]
         if self.caption_sampling == "random":
-            n = len(self.records[index].captions)
-            rng = np.random.default_rng([self.seed, self.epoch, index])
-            return index, int(rng.integers(n))
+            rec = self.records[index]
+            rng = np.random.default_rng(sample_seed(self.seed, rec.ref, self.epoch))
+            return index, int(rng.integers(len(rec.captions)))
         return index, 0
 
     def load_image(self, rec_index: int):
@@ -289,17 +339,21 @@ class ImageTextDataset:
             return None
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
+        from xmodal.engine.data import sample_seed, seeded_rngs
+
         rec_index, cap_index = self.locate(index)
         image = self.load_image(rec_index)
         if image is None:
             return None
+        key = self.sample_key(index)
         caption = self.records[rec_index].captions[cap_index]
         if self.transform is not None:
-            image = self.transform(image)
+            with seeded_rngs(sample_seed(self.seed, key, self.epoch)):
+                image = self.transform(image)
         text: Any = caption
         if self.tokenizer is not None:
             text = self.tokenizer([caption])[0]
-        return {"image": image, "text": text, "index": int(index), "image_index": rec_index}
+        return {"id": key, "image": image, "text": text, "index": int(index), "image_index": rec_index}
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

@@ -1,16 +1,31 @@
-"""Batches for the engine: a resumable, rank-aware batch sampler, a dict collate and device moves.
+"""Batches for the engine: a resumable, rank-aware batch sampler, the epoch-aware data contract, a dict collate and
+device moves.
 
 The sampler thinks in global batches: epoch e shuffles all indices with seed `seed + e`, global batch k takes
 the next `global_batch` of them, and rank r gets the r-th contiguous slice. So N processes see exactly the
 batches one process would (in rank order), and a resume jumps straight to (epoch, batch) without loading data.
+
+The data contract for a map-style data set the engine loads:
+
+- Randomness (caption choice, crops, flips, masks) is a pure function of (seed, sample key, epoch):
+  `sample_seed` makes that seed and `seeded_rngs` runs a transform that draws from the global RNGs under it.
+- `set_epoch(epoch)`, when defined, is called with the epoch of every item in the process that loads it (the
+  sampler hands out (index, epoch) pairs to an `EpochView`), so persistent DataLoader workers see every epoch
+  and a resume restores it with the data position.
+- `sample_key(index) -> str`, when defined, names a sample without loading it (its id or path); items carry the
+  same key as `id`. Caches and the skipped-sample list are keyed by it, never by row position.
+- `__getitem__` may return None for a sample it cannot read: the engine replaces it by another sample chosen
+  from (seed, index, epoch), so every batch, on every rank, has its full size; skipped keys are counted
+  (`BatchStream.skipped_keys`) and kept in the data state of checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import random
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,6 +39,49 @@ log = logging.getLogger(__name__)
 
 
 _END = object()
+MAX_REPLACEMENT_TRIES = 64  # unreadable candidates in a row before a skipped sample is an error
+
+
+# ---------------------------------------------------------------- per-sample randomness
+
+
+def _key_words(key: Any) -> list[int]:
+    """A sample key (any str()-able value) as four 32-bit words of its blake2b digest."""
+    digest = hashlib.blake2b(str(key).encode("utf-8"), digest_size=16).digest()
+    return np.frombuffer(digest, dtype="<u4").tolist()
+
+
+def sample_seed(seed: int, key: Any, epoch: int) -> int:
+    """A 63-bit seed that depends only on (seed, sample key, epoch): the seed of one sample's randomness."""
+    entropy = [int(seed) % 2**64, *_key_words(key), int(epoch) % 2**64]
+    lo, hi = np.random.SeedSequence(entropy).generate_state(2, np.uint32).tolist()
+    return ((hi << 32) | lo) & (2**63 - 1)
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int) -> Iterator[None]:
+    """Run a block with python/numpy/torch (CPU) RNGs seeded by `seed`, then put the previous states back.
+
+    For transforms that draw from the global RNGs (torchvision, open_clip, timm): their draws then depend on the
+    seed alone, not on which worker ran them or what it ran before. CUDA generators are left alone, so this is
+    safe in forked DataLoader workers.
+    """
+    py, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(np_state)
+
+
+def sample_key(data: Any, index: int) -> str:
+    """The data set's stable key of item `index` (`data.sample_key`), else the index as text."""
+    fn = getattr(data, "sample_key", None)
+    return str(fn(index)) if callable(fn) else str(index)
 
 
 @contextlib.contextmanager
@@ -81,6 +139,68 @@ class ResumableBatchSampler:
             yield chunk.tolist()
 
 
+class EpochBatches:
+    """A batch sampler's index batches as (index, epoch) pairs, so the loading process learns each item's epoch."""
+
+    def __init__(self, sampler: ResumableBatchSampler):
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch = self.sampler.epoch
+        for batch in self.sampler:
+            yield [(i, epoch) for i in batch]
+
+
+class EpochView(Dataset):
+    """The engine's view of a map-style data set: items addressed by (index, epoch), skipped ones replaced.
+
+    In whichever process loads the item (main or a persistent worker) it calls `data.set_epoch(epoch)` first.
+    An item that comes back None is replaced by another one drawn from (seed, index, epoch); the view returns
+    `(item, keys of the samples skipped on the way)` for `EpochCollate` to separate.
+    """
+
+    def __init__(self, data: Dataset, seed: int = 0, max_tries: int = MAX_REPLACEMENT_TRIES):
+        self.data, self.seed, self.max_tries = data, int(seed), int(max_tries)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, where: tuple[int, int]) -> tuple[Any, list[str]]:
+        index, epoch = where
+        set_epoch = getattr(self.data, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+        item = self.data[index]
+        skipped: list[str] = []
+        if item is not None:
+            return item, skipped
+        rng = np.random.default_rng([self.seed % 2**64, int(index), int(epoch), 0x5EED])
+        candidate = index
+        while item is None:
+            skipped.append(sample_key(self.data, candidate))
+            if len(skipped) > self.max_tries:
+                raise DataError(
+                    f"more than {self.max_tries} samples in a row could not be read while replacing the unreadable "
+                    f"sample {skipped[0]!r} (last: {skipped[-1]!r}); check the data set (on_error: raise shows why)"
+                )
+            candidate = int(rng.integers(len(self.data)))
+            item = self.data[candidate]
+        return item, skipped
+
+
+class EpochCollate:
+    """Collate `EpochView` outputs: (the data set's collate of the items, keys skipped in this batch)."""
+
+    def __init__(self, collate_fn: Callable):
+        self.collate_fn = collate_fn
+
+    def __call__(self, samples: Sequence[tuple[Any, list[str]]]) -> tuple[Any, list[str]]:
+        return self.collate_fn([s for s, _ in samples]), [k for _, keys in samples for k in keys]
+
+
 def collate_samples(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """torch's default_collate on dict samples, with a sample's `id` collected as the batch's `ids` list."""
     batch = default_collate(list(samples))
@@ -113,8 +233,10 @@ def is_map_dataset(data: Any) -> bool:
 class BatchStream:
     """Endless batches with a known position (epoch, batch in epoch) that a checkpoint can restore.
 
-    Over a map-style data set the engine owns the loader and sampler, so restoring is exact and free; over any
-    other iterable (a DataLoader a job built) the epoch is re-iterated and `offset` batches are skipped.
+    Over a map-style data set the engine owns the loader and sampler, so restoring is exact and free, every
+    loading process learns the epoch (`EpochView`), and unreadable samples are replaced and their keys collected
+    in `skipped_keys`. Over any other iterable (a DataLoader a job built) the epoch is re-iterated and `offset`
+    batches are skipped; its data set's `set_epoch` is called in this process only (so not in persistent workers).
     """
 
     def __init__(self, data: Dataset | Iterable, *, global_batch: int, rank: int = 0, world_size: int = 1,
@@ -124,14 +246,16 @@ class BatchStream:
         self._iter: Iterator | None = None
         self._pending: Any = None
         self.sampler: ResumableBatchSampler | None = None
+        self.skipped_keys: list[str] = []  # distinct keys of samples replaced because they could not be read
+        self._skipped: set[str] = set()
         if is_map_dataset(data):
             self.sampler = ResumableBatchSampler(len(data), global_batch, rank=rank, world_size=world_size,
                                                  seed=seed)
             self.generator = torch.Generator()
             self.loader: Iterable = DataLoader(
-                data, batch_sampler=self.sampler, collate_fn=collate_fn or collate_samples,
-                num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
-                generator=self.generator,
+                EpochView(data, seed), batch_sampler=EpochBatches(self.sampler),
+                collate_fn=EpochCollate(collate_fn or collate_samples), num_workers=num_workers,
+                pin_memory=pin_memory, persistent_workers=num_workers > 0, generator=self.generator,
             )
         else:
             self.loader = data
@@ -140,11 +264,37 @@ class BatchStream:
     def samples_per_batch(self) -> int | None:
         return self.sampler.global_batch if self.sampler else None
 
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "offset": self.offset}
+    @property
+    def skipped_samples(self) -> int:
+        """How many distinct samples this process replaced so far (see `gather_skipped_keys` for all ranks)."""
+        return len(self.skipped_keys)
 
-    def load_state(self, state: Mapping[str, int]) -> None:
+    def gather_skipped_keys(self) -> list[str]:
+        """Distinct skipped keys over all processes (a collective under DDP: call it on every rank)."""
+        from xmodal.engine.ddp import gather_objects
+
+        out: dict[str, None] = {}
+        for keys in gather_objects(list(self.skipped_keys)):
+            out.update(dict.fromkeys(keys))
+        return list(out)
+
+    def _record_skipped(self, keys: Iterable[str], quiet: bool = False) -> None:
+        for key in keys:
+            if key not in self._skipped:
+                self._skipped.add(key)
+                self.skipped_keys.append(key)
+                if not quiet:
+                    log.warning("sample %r could not be read; replaced by another sample (epoch %d)", key,
+                                self.epoch)
+
+    def state(self) -> dict[str, Any]:
+        """Data position and skipped keys: what a checkpoint stores to resume exactly here."""
+        return {"epoch": self.epoch, "offset": self.offset, "skipped_keys": list(self.skipped_keys)}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        self.skipped_keys, self._skipped = [], set()
+        self._record_skipped(state.get("skipped_keys", ()), quiet=True)
         self._iter, self._pending = None, None
 
     def _start_epoch(self) -> None:
@@ -153,7 +303,8 @@ class BatchStream:
             self.generator.manual_seed(self.seed * 1_000_003 + self.epoch)  # worker seeds per epoch
             self._iter = iter(self.loader)
             return
-        for obj in (self.loader, getattr(self.loader, "sampler", None), getattr(self.loader, "batch_sampler", None)):
+        for obj in (self.loader, getattr(self.loader, "sampler", None), getattr(self.loader, "batch_sampler", None),
+                    getattr(self.loader, "dataset", None)):
             if obj is not None and hasattr(obj, "set_epoch"):
                 obj.set_epoch(self.epoch)
         # Whatever the loader draws from the global RNGs when an epoch starts (worker seeds, the shuffle seed,
@@ -193,4 +344,7 @@ class BatchStream:
                 self.epoch, self.offset = self.epoch + 1, 0
                 continue
             self.offset += 1
+            if self.sampler is not None:
+                batch, skipped = batch
+                self._record_skipped(skipped)
             return batch

@@ -447,7 +447,8 @@ class Distiller:
         ):
             self.evaluate()
         return {**self.last_train, **self.last_eval, "step": self.step,
-                "checkpoint": str(self.saved_path) if self.saved_path else None}
+                "checkpoint": str(self.saved_path) if self.saved_path else None,
+                "skipped_samples": len(self.stream.gather_skipped_keys())}
 
     def _non_finite(self, parts: Mapping[str, float], snap: _Snapshot | None) -> NonFiniteLossError:
         failing = self.step + 1
