@@ -1,5 +1,6 @@
 import json
 import math
+import struct
 import wave
 
 import numpy as np
@@ -272,6 +273,108 @@ def test_dataset_resamples_a_file_at_another_rate(corpus, rows, tmp_path):
                                               absolute(corpus, rows[0], id="low", audio=str(tmp_path / "low.wav"))])
     ds = AVSpeechDataset(m, CharVocab(), video=None, audio=AUDIO)
     assert ds[0]["audio"].shape == ds[1]["audio"].shape
+
+
+def pcm_wav_bytes(rate, samples, channels=1, riff_size=None, extra_chunk=b""):
+    """A 16-bit PCM WAV written byte by byte, so headers can claim anything."""
+    data = np.asarray(samples, "<i2").tobytes()
+    fmt = struct.pack("<HHIIHH", 1, channels, rate, (rate * channels * 2) & 0xFFFFFFFF, channels * 2, 16)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + extra_chunk + b"data" + struct.pack("<I", len(data))
+    body += data
+    return b"RIFF" + struct.pack("<I", len(body) if riff_size is None else riff_size) + body
+
+
+@pytest.fixture
+def no_resampling(monkeypatch):
+    """Fail the test if anything tries to resample."""
+    import torchaudio.functional as AF
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("resampling was attempted")
+
+    monkeypatch.setattr(AF, "resample", refuse)
+    monkeypatch.setattr(avdata, "resample_audio", refuse, raising=False)
+    monkeypatch.setattr(avdata, "_fft_resample", refuse, raising=False)
+
+
+def test_a_wav_claiming_an_absurd_sample_rate_is_refused_before_resampling(tmp_path, no_resampling):
+    """A 926-byte WAV whose header claims 1,092,676 Hz once took minutes and 18 GB to resample to 16 kHz."""
+    hostile = tmp_path / "hostile.wav"
+    hostile.write_bytes(pcm_wav_bytes(1_092_676, np.arange(441) * 50))
+    assert hostile.stat().st_size == 926
+    with pytest.raises(DataError, match=r"sample 'utt-7': audio file .*hostile\.wav: refused: .*1,092,676 Hz"):
+        load_audio(hostile, 16000, "utt-7")
+    # the PyAV reader (any other file name) checks the rate before decoding too
+    other = tmp_path / "hostile.audio"
+    other.write_bytes(hostile.read_bytes())
+    with pytest.raises(DataError, match=r"sample 'utt-8': audio file .*hostile\.audio: refused: .*1,092,676 Hz"):
+        load_audio(other, 16000, "utt-8")
+    low = tmp_path / "low.wav"
+    low.write_bytes(pcm_wav_bytes(200, np.zeros(100)))
+    with pytest.raises(DataError, match=r"low\.wav: refused: .*200 Hz"):
+        load_audio(low, 16000)
+
+
+def test_audio_decoding_to_far_more_than_the_file_size_is_refused(tmp_path):
+    path = tmp_path / "a.wav"
+    path.write_bytes(pcm_wav_bytes(16000, np.zeros(1600)))
+    assert load_audio(path, 16000).shape == (1600,)  # 16-bit PCM decodes to 2x its size
+    with pytest.raises(DataError, match=r"a\.wav: refused: it decodes to more than .*raise audio\.max_expansion"):
+        load_audio(path, 16000, max_expansion=1.5)
+    other = tmp_path / "a.audio"  # PyAV stops decoding at the limit
+    other.write_bytes(path.read_bytes())
+    assert load_audio(other, 16000).shape == (1600,)
+    with pytest.raises(DataError, match=r"a\.audio: refused: it decodes to more than"):
+        load_audio(other, 16000, max_expansion=1.5)
+    with pytest.raises(DataError, match=r"refused: it decodes to more than"):  # resampling would pass the limit
+        load_audio(path, 48000, max_expansion=3.0)
+    with pytest.raises(ConfigError, match="audio.max_expansion must be positive"):
+        AudioConfig(max_expansion=0)
+    assert AudioConfig().max_expansion == avdata.MAX_EXPANSION
+
+
+def test_a_malformed_wav_header_falls_back_to_pyav(tmp_path):
+    samples = (np.sin(np.arange(1600) / 5) * 10000).astype("<i2")
+    good = tmp_path / "good.wav"
+    good.write_bytes(pcm_wav_bytes(16000, samples))
+    broken = tmp_path / "riff0.wav"  # RIFF size 0, as some streaming recorders write: the stdlib gives up
+    broken.write_bytes(pcm_wav_bytes(16000, samples, riff_size=0))
+    with pytest.raises(wave.Error):
+        avdata._read_wav(broken)
+    assert torch.allclose(load_audio(broken, 16000), load_audio(good, 16000), atol=1e-6)
+    # a chunk size pointing past the end makes the stdlib raise a bare RuntimeError; when PyAV fails too, a
+    # DataError names the sample, the file and both readers' errors
+    junk = tmp_path / "junk.wav"
+    junk.write_bytes(pcm_wav_bytes(16000, samples, extra_chunk=b"JUNK" + struct.pack("<I", 0x7FFFFFF0)))
+    with pytest.raises(DataError, match=r"sample 'u1': audio file .*junk\.wav: cannot read it \(wave: RuntimeError"
+                                        r".*; pyav: "):
+        load_audio(junk, 16000, "u1")
+
+
+def test_stereo_is_downmixed_the_same_way_by_both_readers(tmp_path):
+    rng = np.random.default_rng(0)
+    left, right = rng.integers(-20000, 20000, 2000), rng.integers(-20000, 20000, 2000)
+    path = tmp_path / "stereo.wav"
+    path.write_bytes(pcm_wav_bytes(16000, np.stack([left, right], 1).reshape(-1), channels=2))
+    by_wave, rate_w = avdata._read_wav(path)
+    by_pyav, rate_p = avdata._read_with_pyav(path)
+    mean = (left + right) / 2 / 32768.0
+    assert rate_w == rate_p == 16000 and by_wave.shape == by_pyav.shape == (2000,)
+    np.testing.assert_allclose(by_wave, mean, atol=1e-6)
+    np.testing.assert_allclose(by_pyav, mean, atol=1e-6)
+
+
+def test_rates_with_a_huge_sinc_kernel_are_resampled_through_the_spectrum(tmp_path, monkeypatch):
+    """44101 -> 16000 Hz would need a 16000 x 44135 sinc kernel (2.8 GB); the FFT resampler needs O(N)."""
+    import torchaudio.functional as AF
+
+    monkeypatch.setattr(AF, "resample", lambda *a, **k: (_ for _ in ()).throw(AssertionError("sinc kernel")))
+    t = np.arange(44101) / 44101
+    write_wav(tmp_path / "odd.wav", 0.5 * np.sin(2 * math.pi * 440 * t), 44101)
+    wav = load_audio(tmp_path / "odd.wav", 16000)
+    assert wav.shape == (16000,)
+    assert abs(int(np.argmax(np.abs(np.fft.rfft(wav.numpy())))) - 440) <= 1
+    assert float(wav.abs().max()) == pytest.approx(0.5, abs=0.02)
 
 
 def test_waveform_features_are_the_resampled_waveform_batched_with_a_mask(corpus, rows, tmp_path):

@@ -8,6 +8,7 @@ mouth region and normalised; audio becomes per-utterance normalised log-mel filt
 from __future__ import annotations
 
 import json
+import math
 import wave
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from xmodal.data.vocab import IGNORE_ID, CharVocab
 from xmodal.errors import ConfigError, DataError
 
 VIDEO_BACKENDS = ("decord", "pyav")
+MAX_EXPANSION = 1024.0  # decoded float32 bytes allowed per byte of audio file (PCM WAV needs 2-4, lossy codecs ~100)
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601, as ffmpeg's rgb→gray
 
 
@@ -61,7 +63,10 @@ class VideoConfig:
 @dataclass
 class AudioConfig:
     """Audio at `sample_rate` (files at other rates are resampled) as log-mel filterbanks (`features: fbank`) or
-    the waveform itself (`features: waveform`, what wav2vec2-style teachers read)."""
+    the waveform itself (`features: waveform`, what wav2vec2-style teachers read).
+
+    `max_expansion` bounds what a file may decode to: float32 samples of at most that many times its size (a
+    guard against corrupt or hostile headers); raise it for genuinely very highly compressed audio."""
 
     sample_rate: int = 16000
     features: str = "fbank"  # fbank | waveform
@@ -69,6 +74,7 @@ class AudioConfig:
     frame_length_ms: float = 25.0
     frame_shift_ms: float = 10.0
     normalize: bool = True  # per-utterance mean/variance normalisation of the fbank features
+    max_expansion: float = MAX_EXPANSION
 
     def __post_init__(self) -> None:
         if self.features not in AUDIO_FEATURES:
@@ -78,6 +84,8 @@ class AudioConfig:
             raise ConfigError(f"audio.sample_rate must be >= 1000 Hz, got {self.sample_rate}")
         if self.n_mels < 1 or self.frame_length_ms <= 0 or self.frame_shift_ms <= 0:
             raise ConfigError("audio.n_mels, audio.frame_length_ms and audio.frame_shift_ms must be positive")
+        if not self.max_expansion > 0:
+            raise ConfigError(f"audio.max_expansion must be positive, got {self.max_expansion}")
 
 
 @dataclass(frozen=True)
@@ -260,12 +268,45 @@ def preprocess_video(frames: np.ndarray, cfg: VideoConfig, train: bool, gen: tor
 
 # ----------------------------------------------------------------------------------------------- audio
 
+MIN_AUDIO_RATE, MAX_AUDIO_RATE = 1_000, 384_000  # Hz; a header outside this range is corrupt (or hostile)
+_SINC_KERNEL_LIMIT = 1 << 24  # elements of torchaudio's sinc-resampling kernel; beyond it, FFT resampling
 
-def _read_wav(path: Path) -> tuple[np.ndarray, int]:
-    """Integer PCM wav → float32 mono in [-1, 1] via the standard library."""
+
+class AudioRefused(ValueError):
+    """The file is readable but unsafe to decode or resample (absurd rate, decodes to far more than its size)."""
+
+
+def check_sample_rate(rate: int) -> int:
+    """The file's sample rate, checked against MIN_AUDIO_RATE..MAX_AUDIO_RATE before anything is decoded."""
+    if not MIN_AUDIO_RATE <= int(rate) <= MAX_AUDIO_RATE:
+        raise AudioRefused(f"its header claims a sample rate of {int(rate):,} Hz, outside {MIN_AUDIO_RATE:,}-"
+                           f"{MAX_AUDIO_RATE:,} Hz; the file is corrupt or not audio (re-encode it, e.g. as 16 kHz "
+                           "16-bit PCM WAV)")
+    return int(rate)
+
+
+def _check_decoded_size(nbytes: float, max_bytes: float) -> None:
+    if nbytes > max_bytes:
+        raise AudioRefused(f"it decodes to more than {max_bytes / 2**20:.1f} MiB of samples (audio.max_expansion "
+                           "times its size); if the file is genuine, e.g. very highly compressed, raise "
+                           "audio.max_expansion")
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else f"{type(e).__name__} (malformed file)"
+
+
+def _read_wav(path: Path, max_bytes: float = float("inf")) -> tuple[np.ndarray, int]:
+    """Integer PCM wav → float32 mono in [-1, 1] (mean of the channels) via the standard library."""
     with wave.open(str(path), "rb") as w:
         channels, width, rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
-        raw = w.readframes(n)
+        check_sample_rate(rate)
+        if width not in (1, 2, 3, 4):
+            raise ValueError(f"unsupported sample width {width} bytes")
+        raw = w.readframes(n)  # at most what the file holds, whatever the header claims
+    raw = raw[: len(raw) // (width * channels) * width * channels]  # whole frames only
+    _check_decoded_size(len(raw) // width * 4, max_bytes)
     if width == 1:
         x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
     elif width == 2:
@@ -274,56 +315,105 @@ def _read_wav(path: Path) -> tuple[np.ndarray, int]:
         b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
         v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
         x = (np.where(v >= 1 << 23, v - (1 << 24), v)).astype(np.float32) / float(1 << 23)
-    elif width == 4:
-        x = np.frombuffer(raw, "<i4").astype(np.float32) / float(1 << 31)
     else:
-        raise ValueError(f"unsupported sample width {width} bytes")
+        x = np.frombuffer(raw, "<i4").astype(np.float32) / float(1 << 31)
     if channels > 1:
         x = x.reshape(-1, channels).mean(1)
     return x, rate
 
 
-def _read_with_pyav(path: Path) -> tuple[np.ndarray, int]:
+def _read_with_pyav(path: Path, max_bytes: float = float("inf")) -> tuple[np.ndarray, int]:
+    """Any format ffmpeg reads → float32 mono (mean of the channels, as `_read_wav`), decoding stopped as soon
+    as the samples pass `max_bytes`."""
     import av
 
     with av.open(str(path)) as container:
         if not container.streams.audio:
             raise ValueError("no audio stream")
         stream = container.streams.audio[0]
-        rate = stream.rate or stream.codec_context.sample_rate
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
-        chunks = []
+        rate = check_sample_rate(stream.codec_context.sample_rate or 0)
+        resampler = av.AudioResampler(format="fltp", rate=rate)  # planar float [channels, n], layout kept
+        chunks, nbytes = [], 0
+
+        def take(frames) -> None:
+            nonlocal nbytes
+            for out in frames:
+                planes = out.to_ndarray()
+                nbytes += planes.size * 4
+                _check_decoded_size(nbytes, max_bytes)
+                chunks.append(planes.reshape(-1, planes.shape[-1]).mean(0, dtype=np.float32))
+
         for frame in container.decode(stream):
-            for out in resampler.resample(frame):
-                chunks.append(out.to_ndarray().reshape(-1))
-        for out in resampler.resample(None):
-            chunks.append(out.to_ndarray().reshape(-1))
-    return (np.concatenate(chunks) if chunks else np.zeros(0, np.float32)), int(rate)
+            take(resampler.resample(frame))
+        take(resampler.resample(None))
+    return (np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)), rate
 
 
-def load_audio(path: str | Path, sample_rate: int, sample_id: str = "?") -> torch.Tensor:
-    """Mono float32 waveform [N] at `sample_rate` (resampled with torchaudio when the file differs)."""
+def _fft_resample(wav: torch.Tensor, orig: int, new: int) -> torch.Tensor:
+    """Band-limited resampling through the spectrum: memory linear in the length whatever the rates."""
+    n = wav.numel()
+    m = math.ceil(n * new / orig)
+    if n == 0 or m == 0:
+        return wav.new_zeros(m)
+    spec = torch.fft.rfft(wav.double())
+    out = spec.new_zeros(m // 2 + 1)
+    k = min(spec.numel(), out.numel())
+    out[:k] = spec[:k]
+    return (torch.fft.irfft(out, n=m) * (m / n)).to(wav.dtype)
+
+
+def resample_audio(wav: torch.Tensor, orig: int, new: int) -> torch.Tensor:
+    """[N] from `orig` Hz to `new` Hz: torchaudio's sinc resampler, or FFT resampling for rate pairs whose
+    reduced ratio would make its kernel huge (e.g. 44101 → 16000 Hz: a 16000 × 44135 kernel)."""
     import torchaudio.functional as AF
 
+    g = math.gcd(orig, new)
+    o, n = orig // g, new // g
+    width = math.ceil(6 * o / (min(o, n) * 0.99))  # torchaudio's defaults: lowpass_filter_width 6, rolloff 0.99
+    if n * (o + 2 * width) <= _SINC_KERNEL_LIMIT:
+        return AF.resample(wav, orig, new)
+    return _fft_resample(wav, orig, new)
+
+
+def load_audio(path: str | Path, sample_rate: int, sample_id: str = "?", *,
+               max_expansion: float = MAX_EXPANSION) -> torch.Tensor:
+    """Mono float32 waveform [N] at `sample_rate` (the mean of the channels; resampled when the file differs).
+
+    WAV files are read with the standard library and anything else, or a WAV it cannot parse, with PyAV. Before
+    decoding, the sample rate must be within MIN_AUDIO_RATE..MAX_AUDIO_RATE; the decoded samples may not exceed
+    `max_expansion` times the file size (also before resampling). Both are DataErrors naming the sample and file.
+    """
     path = Path(path)
+    where = f"sample {sample_id!r}: audio file {path}"
     if not path.is_file():
-        raise DataError(f"sample {sample_id!r}: audio file {path} does not exist")
+        raise DataError(f"{where} does not exist")
+    max_bytes = max_expansion * path.stat().st_size
     errors = []
     x = rate = None
-    if path.suffix.lower() == ".wav":
-        try:
-            x, rate = _read_wav(path)
-        except (wave.Error, ValueError, EOFError) as e:
-            errors.append(f"wave: {e}")
-    if x is None:
-        try:
-            x, rate = _read_with_pyav(path)
-        except Exception as e:
-            errors.append(f"pyav: {type(e).__name__}: {e}")
-            raise DataError(f"sample {sample_id!r}: cannot read audio {path}: " + "; ".join(errors)) from e
+    try:
+        if path.suffix.lower() == ".wav":
+            try:
+                x, rate = _read_wav(path, max_bytes)
+            except AudioRefused:
+                raise
+            except Exception as e:  # a malformed header: let PyAV try
+                errors.append(f"wave: {_describe(e)}")
+        if x is None:
+            try:
+                x, rate = _read_with_pyav(path, max_bytes)
+            except AudioRefused:
+                raise
+            except Exception as e:  # decoders raise their own error types
+                errors.append(f"pyav: {_describe(e)}")
+                raise DataError(f"{where}: cannot read it ({'; '.join(errors)}); re-encode it, e.g. as 16 kHz "
+                                "16-bit PCM WAV") from e
+        if rate != sample_rate:
+            _check_decoded_size(math.ceil(len(x) * sample_rate / rate) * 4, max_bytes)
+    except AudioRefused as e:
+        raise DataError(f"{where}: refused: {e}") from None
     wav = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     if rate != sample_rate:
-        wav = AF.resample(wav, rate, sample_rate)
+        wav = resample_audio(wav, rate, sample_rate)
     return wav
 
 
@@ -420,7 +510,7 @@ class AVSpeechDataset(Dataset):
             frames = _load_frames(rec, self.video_cfg.backend)
             item["video"] = preprocess_video(frames, self.video_cfg, self.train, gen, rec.id)
         if self.audio_cfg is not None:
-            wav = load_audio(rec.audio, self.audio_cfg.sample_rate, rec.id)
+            wav = load_audio(rec.audio, self.audio_cfg.sample_rate, rec.id, max_expansion=self.audio_cfg.max_expansion)
             item["audio"] = AUDIO_FEATURES[self.audio_cfg.features](wav, self.audio_cfg, rec.id)
         return item
 
