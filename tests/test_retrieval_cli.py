@@ -137,3 +137,54 @@ def test_results_are_not_written_on_failure(tmp_path, model_dir):
     assert run_cli("--model", str(model_dir), "--data", str(data), "--no-cache", "--out", str(out)) == 2
     assert out.read_text() == "old"
     assert not np.any([p.name.endswith(".tmp") for p in tmp_path.iterdir()])
+
+
+def clip_benchmark_row(result: dict) -> dict:
+    """What CLIP_benchmark's `build` step does with one results file: metrics and fields in one row, and
+    `model_fullname` = model + " " + pretrained (string concatenation: a null pretrained crashes it)."""
+    row = {**result["metrics"], **{k: v for k, v in result.items() if k != "metrics"}}
+    row["model_fullname"] = row["model"] + " " + row["pretrained"]
+    return row
+
+
+def test_results_feed_clip_benchmark_build(tmp_path, model_dir):
+    import csv
+
+    data = write_dataset(tmp_path / "d")
+    rows = []
+    # a model folder without a pretrained tag, then the same weights as --pretrained FILE
+    for i, extra in enumerate([(), ("--pretrained", str(model_dir / "open_clip_pytorch_model.bin"))]):
+        out = tmp_path / f"r{i}.json"
+        assert run_cli("--model", str(model_dir), *extra, "--data", str(data), "--no-cache", "--out", str(out)) == 0
+        result = json.loads(out.read_text())
+        assert isinstance(result["model"], str) and isinstance(result["pretrained"], str)
+        rows.append(clip_benchmark_row(result))
+    assert rows[0]["pretrained"] == "" and rows[1]["pretrained"].endswith("open_clip_pytorch_model.bin")
+    with open(tmp_path / "benchmark.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sorted(set().union(*rows)))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert rows[0]["ties"] == "pessimistic"
+
+
+@pytest.fixture(scope="module")
+def nan_model_dir(tmp_path_factory, model_dir):
+    """The tiny CLIP with a NaN in its image projection: a broken model."""
+    root = tmp_path_factory.mktemp("nan_clip")
+    state = torch.load(model_dir / "open_clip_pytorch_model.bin", weights_only=True)
+    state["visual.proj"][0, 0] = float("nan")
+    (root / "open_clip_config.json").write_text((model_dir / "open_clip_config.json").read_text())
+    torch.save(state, root / "open_clip_pytorch_model.bin")
+    return root
+
+
+@pytest.mark.parametrize("options", [("--no-cache",), ("--no-cache", "--index", "hnsw"), ()])
+def test_nan_embeddings_are_an_error_not_a_recall(tmp_path, nan_model_dir, capsys, options):
+    data = write_dataset(tmp_path / "d")
+    out = tmp_path / "r.json"
+    code = run_cli("--model", str(nan_model_dir), "--data", str(data), "--out", str(out),
+                   "--cache-dir", str(tmp_path / "cache"), *options)
+    assert code == 2
+    captured = capsys.readouterr()
+    assert "NaN" in captured.err and "image" in captured.err
+    assert "R@" not in captured.out and not out.exists()

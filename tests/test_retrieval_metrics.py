@@ -190,3 +190,99 @@ def test_bad_options():
         evaluate_retrieval(images, texts, mapping, ks=(0, 5))
     with pytest.raises(ConfigError, match="unknown retrieval index"):
         evaluate_retrieval(images, texts, mapping, index="hnws")
+
+
+# --- exact duplicates: the tie rule must hold bit-exactly, not by luck of rounding --------------------------
+
+def duplicated_images(num_images=1000, copies=200, dim=32, seed=0):
+    """The last `copies` images are exact copies of the first ones; two captions per image, close to it."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(num_images, dim, generator=g)
+    images[num_images - copies :] = images[:copies]
+    mapping = torch.arange(2 * num_images) % num_images
+    texts = images[mapping] + 0.05 * torch.randn(len(mapping), dim, generator=g)
+    duplicated = (mapping < copies) | (mapping >= num_images - copies)
+    return images, texts, mapping, duplicated.numpy()
+
+
+def duplicated_captions(num_images=1000, copies=200, dim=32, seed=1):
+    """Two captions per image; image i < `copies` also lends an exact copy of its best caption to image i + 500."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(num_images, dim, generator=g)
+    mapping = torch.arange(2 * num_images) % num_images
+    texts = images[mapping] + 0.05 * torch.randn(len(mapping), dim, generator=g)
+    cos = torch.nn.functional.cosine_similarity(texts, images[mapping], dim=1).view(2, num_images)
+    best = torch.arange(copies) + num_images * cos[:, :copies].argmax(dim=0)  # each image's best caption
+    texts = torch.cat([texts, texts[best]])
+    mapping = torch.cat([mapping, torch.arange(copies) + 500])
+    return images, texts, mapping
+
+
+@pytest.fixture(params=["one tile", "small tiles", "second pass", "small tiles, second pass"])
+def ranking_mode(request, monkeypatch):
+    """Keyword arguments (and patches) that send `first_positive_ranks` down each of its code paths."""
+    from xmodal.tasks.retrieval import metrics
+
+    if "second pass" in request.param:  # as if the near-threshold scores had overflowed their buffer
+        monkeypatch.setattr(metrics._Band, "finish", lambda self, exact, compare: None)
+    return {"block_bytes": 4 * 256 * 300} if "small tiles" in request.param else {}
+
+
+def test_duplicate_images_tie_with_the_positive(ranking_mode):
+    images, texts, mapping, duplicated = duplicated_images()
+    pess = first_positive_ranks(images, texts, mapping, **ranking_mode)
+    # the copy of a caption's image scores exactly like its image: pessimistically it ranks above it
+    assert (pess.text_to_image[duplicated] >= 2).all()
+    assert (pess.text_to_image[duplicated] == 2).all() and (pess.text_to_image[~duplicated] == 1).all()
+    assert (pess.image_to_text[~duplicated[:1000]] == 1).all()  # (an image and its copy share 4 captions)
+    opt = first_positive_ranks(images, texts, mapping, ties="optimistic", **ranking_mode)
+    assert (opt.text_to_image == 1).all() and (opt.image_to_text[~duplicated[:1000]] == 1).all()
+    metrics = evaluate_retrieval(images, texts, mapping, ks=(1, 2), **ranking_mode)
+    assert metrics["text_to_image_R@1"] == pytest.approx(1 - duplicated.mean())
+    assert metrics["text_to_image_R@2"] == 1.0
+
+
+def test_duplicate_captions_tie_with_the_positive(ranking_mode):
+    images, texts, mapping = duplicated_captions()
+    pess = first_positive_ranks(images, texts, mapping, **ranking_mode)
+    assert (pess.image_to_text[:200] == 2).all() and (pess.image_to_text[200:] == 1).all()
+    opt = first_positive_ranks(images, texts, mapping, ties="optimistic", **ranking_mode)
+    assert (opt.image_to_text == 1).all()
+    # the lent copies are closest to the image they were copied from: genuine misses, in both rules
+    assert (pess.text_to_image[2000:] >= 2).all() and (opt.text_to_image[2000:] >= 2).all()
+
+
+@pytest.mark.parametrize("ties", ["pessimistic", "optimistic"])
+def test_every_code_path_matches_brute_force(ranking_mode, ties):
+    images, texts, mapping = random_data(num_images=300)
+    ranks = first_positive_ranks(images, texts, mapping, ties=ties, **ranking_mode)
+    ref_i2t, ref_t2i = brute_ranks(images, texts, mapping, ties)
+    np.testing.assert_array_equal(ranks.image_to_text, ref_i2t)
+    np.testing.assert_array_equal(ranks.text_to_image, ref_t2i)
+    g = torch.Generator().manual_seed(1)  # small integers: many exact ties, every score exact in fp32
+    images = torch.randint(-1, 2, (300, 3), generator=g).float()
+    texts = torch.randint(-1, 2, (900, 3), generator=g).float()
+    mapping = torch.arange(900) % 300
+    ranks = first_positive_ranks(images, texts, mapping, ties=ties, normalize=False, **ranking_mode)
+    ref_i2t, ref_t2i = brute_ranks(images, texts, mapping, ties, normalize=False)
+    np.testing.assert_array_equal(ranks.image_to_text, ref_i2t)
+    np.testing.assert_array_equal(ranks.text_to_image, ref_t2i)
+
+
+@pytest.mark.parametrize("side", ["image", "text"])
+@pytest.mark.parametrize("index", ["flat", "hnsw"])
+def test_broken_embeddings_are_an_error_not_a_recall(side, index):
+    """NaN, or values whose norm overflows fp32 (normalised to zero vectors, they would tie everywhere)."""
+    images, texts, mapping = random_data(num_images=20, seed=4)
+    for bad in (float("nan"), 1e30):
+        emb = (images if side == "image" else texts).clone()
+        emb[3] = bad
+        args = (emb, texts) if side == "image" else (images, emb)
+        with pytest.raises(DataError, match=f"{side} embeddings row 3"):
+            evaluate_retrieval(*args, mapping, index=index, recall_sample=5)
+
+
+def test_unnormalised_scores_that_overflow_are_an_error():
+    images, texts, mapping = random_data(num_images=20, seed=4)
+    with pytest.raises(DataError, match="overflow fp32"):
+        first_positive_ranks(images * 1e20, texts * 1e20, mapping, normalize=False)

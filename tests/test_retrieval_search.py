@@ -111,3 +111,47 @@ def test_registry_and_errors():
     bad[6, 0] = float("inf")
     with pytest.raises(DataError, match="row 6"):
         build_index("flat", bad)
+
+
+def test_approximate_index_follows_the_tie_rule_on_duplicates():
+    """Duplicated images tie with the positive in the index's own scores: pessimistically they rank above it."""
+    g = torch.Generator().manual_seed(5)
+    images = torch.randn(500, 32, generator=g)
+    images[400:] = images[:100]
+    mapping = torch.arange(1000) % 500
+    texts = images[mapping] + 0.05 * torch.randn(1000, 32, generator=g)
+    duplicated = ((mapping < 100) | (mapping >= 400)).double().mean().item()
+    for index in ("hnsw", "ivfpq"):
+        params = {"m": 8, "nprobe": 64} if index == "ivfpq" else {}
+        pess = evaluate_retrieval(images, texts, mapping, ks=(1, 2), index=index, index_params=params)
+        opt = evaluate_retrieval(images, texts, mapping, ks=(1, 2), index=index, index_params=params,
+                                 ties="optimistic")
+        if index == "hnsw":  # exact enough on 500 well-separated images
+            assert pess["text_to_image_R@1"] == pytest.approx(1 - duplicated)
+            assert pess["text_to_image_R@2"] == 1.0 and opt["text_to_image_R@1"] == 1.0
+        assert pess["text_to_image_R@1"] <= 1 - duplicated + 1e-9  # never credited for a tie, even approximate
+        assert opt["text_to_image_R@1"] >= pess["text_to_image_R@1"]
+
+
+def test_approximate_ranks_search_past_a_run_of_ties():
+    """A run of equal scores that reaches the end of the results is searched further before ranking."""
+    from xmodal.tasks.retrieval.evaluate import approximate_ranks
+
+    g = torch.Generator().manual_seed(6)
+    docs = torch.randn(200, 8, generator=g)
+    docs[:12] = docs[0]  # 12 equal documents; the first 6 are the query's positives
+    index = build_index("flat", docs)
+    query = docs[:1] + 0.01 * torch.randn(1, 8, generator=g)
+
+    def positives(q, ids):
+        return ids < 6
+
+    # 6 non-positives tie with the best positive: rank 7, though a first search of top + 1 = 11 saw only some
+    assert approximate_ranks(index, query, positives, 10).tolist() == [7]
+    assert approximate_ranks(index, query, positives, 10, ties="optimistic").tolist() == [1]
+    assert approximate_ranks(index, query, positives, 5).tolist() == [6]  # beyond the top 5
+
+    def one_positive(q, ids):
+        return ids == 0
+
+    assert approximate_ranks(index, query, one_positive, 30).tolist() == [12]

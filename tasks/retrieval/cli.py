@@ -42,7 +42,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                     help="index option, e.g. ef_search=256 or nprobe=64 (repeatable)")
     ev.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="recall cut-offs")
     ev.add_argument("--ties", default="pessimistic", choices=("pessimistic", "optimistic"),
-                    help="exact search: whether equal scores rank a non-positive above the positive")
+                    help="equal scores (e.g. a duplicate image or caption): pessimistic (default) ranks the "
+                    "non-positive above the positive, optimistic below")
     ev.add_argument("--out", help="write results JSON (CLIP_benchmark shape) here, and a markdown table beside it")
     ev.add_argument("--language", default="en")
     ev.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -112,12 +113,14 @@ def run(args: argparse.Namespace) -> int:
     print(table)
     if args.out:
         model_name = args.model or getattr(loaded, "name", None) or str(args.checkpoint)
+        # CLIP_benchmark's `build` joins model and pretrained as strings: a folder or hub model without a tag is ""
+        pretrained = (args.pretrained or "") if args.model else str(args.checkpoint)
         result = clip_benchmark_result(
-            metrics, dataset=args.dataset or data.stem, model=model_name,
-            pretrained=args.pretrained if args.model else str(args.checkpoint), language=args.language,
+            metrics, dataset=args.dataset or data.stem, model=model_name, pretrained=pretrained,
+            language=args.language,
             extra={
                 "index": args.index,
-                "ties": args.ties if args.index == "flat" else None,
+                "ties": args.ties,
                 "num_images": len(emb.image_paths),
                 "num_texts": int(len(emb.text_to_image)),
                 "data": str(data.resolve()),

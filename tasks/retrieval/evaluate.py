@@ -46,8 +46,8 @@ def evaluate_retrieval(
     """Recall@k in both directions, and median / mean rank of the first positive (exact search).
 
     `image_emb` [I, D], `text_emb` [T, D] (tensors or memory-mapped arrays), `text_to_image[t]` = image of
-    caption t. `index="flat"` is exact with a deterministic tie rule (see `metrics`); "hnsw" / "ivfpq"
-    search an approximate faiss index, report recall@k from its top-k, and add
+    caption t. `index="flat"` is exact; "hnsw" / "ivfpq" search an approximate faiss index, report recall@k
+    from its results (the same tie rule, on the index's own scores: see `approximate_ranks`), and add
     `{direction}_index_recall@K`: the overlap of its top-K with the exact top-K on `recall_sample` queries.
     """
     ks = check_ks(ks)
@@ -60,13 +60,59 @@ def evaluate_retrieval(
         metrics.update(rank_metrics(ranks.text_to_image, ks, "text_to_image"))
         return metrics
     return _evaluate_approximate(
-        image_emb, text_emb, text_to_image, ks, normalize=normalize, index=index, index_params=index_params or {},
-        recall_sample=recall_sample, seed=seed, device=device, block_bytes=block_bytes, progress=progress,
+        image_emb, text_emb, text_to_image, ks, normalize=normalize, ties=ties, index=index,
+        index_params=index_params or {}, recall_sample=recall_sample, seed=seed, device=device,
+        block_bytes=block_bytes, progress=progress,
     )
 
 
+def approximate_ranks(index, queries, is_positive, top: int, *, ties: str = "pessimistic", normalize: bool = True,
+                      progress: bool = False, name: str = "queries") -> np.ndarray:
+    """Rank of each query's first positive among a faiss index's results, capped at `top + 1` (beyond the top).
+
+    The positive's score is the one the index returned for it, so it is compared with the other results'
+    scores from the same computation: an exact duplicate of the positive ties with it, and the tie rule
+    decides (pessimistic: counted above it). When a run of equal scores reaches the end of the results, the
+    query is searched again with more results until the run ends. `is_positive(query_ids, ids)` → bool.
+    """
+    from xmodal.errors import ConfigError
+
+    from .metrics import TIE_RULES
+    from .search import search_index
+
+    if ties not in TIE_RULES:
+        raise ConfigError(f"ties must be one of {', '.join(TIE_RULES)}, got '{ties}'")
+    num_q, total = int(queries.shape[0]), int(index.ntotal)
+    ranks = np.full(num_q, top + 1, dtype=np.int64)
+    todo = np.arange(num_q)
+    k = min(top + 1, total)
+    while todo.size:
+        sub = queries if todo.size == num_q else _rows(queries, todo)
+        scores, ids = search_index(index, sub, k, normalize=normalize, progress=progress, name=name)
+        valid = ids >= 0  # faiss pads with -1 when it finds fewer than k
+        hit = valid & is_positive(todo, np.where(valid, ids, 0))
+        found = hit.any(axis=1)
+        first = scores[np.arange(len(todo)), hit.argmax(axis=1)][:, None]
+        above = valid & ~hit & ((scores >= first) if ties == "pessimistic" else (scores > first))
+        rank = np.where(found, 1 + above.sum(axis=1), top + 1)
+        ranks[todo] = np.minimum(rank, top + 1)
+        # equal scores up to the last result: more may follow, and pessimistically they rank above
+        open_run = found & valid[:, -1] & (scores[:, -1] >= first[:, 0]) & (rank <= top)
+        if ties != "pessimistic" or k >= total or not open_run.any():
+            break
+        todo, k = todo[open_run], min(2 * k, total)
+    return ranks
+
+
+def _rows(x, idx: np.ndarray):
+    """Rows `idx` (sorted) of a tensor or (memory-mapped) array."""
+    if isinstance(x, torch.Tensor):
+        return x[torch.as_tensor(idx, device=x.device)]
+    return np.asarray(x[idx])
+
+
 def _evaluate_approximate(
-    image_emb, text_emb, text_to_image, ks, *, normalize, index, index_params, recall_sample, seed, device,
+    image_emb, text_emb, text_to_image, ks, *, normalize, ties, index, index_params, recall_sample, seed, device,
     block_bytes, progress,
 ) -> dict[str, float]:
     from xmodal.errors import DataError
@@ -84,24 +130,26 @@ def _evaluate_approximate(
     top = max(ks)
     metrics: dict[str, float] = {}
     rng = np.random.default_rng(seed)
-    for direction, queries, docs in (("image_to_text", image_emb, text_emb), ("text_to_image", text_emb, image_emb)):
-        idx = build_index(index, docs, normalize=normalize, progress=progress, seed=seed, **index_params)
-        _, ids = search_index(idx, queries, top, normalize=normalize, progress=progress)
+    sides = (("image_to_text", image_emb, text_emb, "image", "text"),
+             ("text_to_image", text_emb, image_emb, "text", "image"))
+    for direction, queries, docs, q_name, d_name in sides:
+        q_name, d_name = f"{q_name} embeddings", f"{d_name} embeddings"
+        idx = build_index(index, docs, normalize=normalize, progress=progress, seed=seed, name=d_name, **index_params)
         if direction == "image_to_text":
-            hit = mapping[ids] == np.arange(num_images)[:, None]
+            def is_positive(q, ids):
+                return mapping[ids] == q[:, None]
         else:
-            hit = ids == mapping[:, None]
-        hit &= ids >= 0  # faiss pads with -1 when it finds fewer than k
-        first = np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, top + 1)
+            def is_positive(q, ids):
+                return ids == mapping[q][:, None]
+        first = approximate_ranks(idx, queries, is_positive, top, ties=ties, normalize=normalize, progress=progress,
+                                  name=q_name)
         metrics.update({f"{direction}_R@{k}": float(np.mean(first <= k)) for k in ks})
         n_q = int(queries.shape[0])
         sample = np.sort(rng.choice(n_q, size=min(n_q, recall_sample), replace=False))
-        if isinstance(queries, torch.Tensor):
-            sample_q = queries[torch.as_tensor(sample, device=queries.device)]
-        else:
-            sample_q = np.asarray(queries[sample])
+        sample_q = _rows(queries, sample)
+        _, ids = search_index(idx, sample_q, top, normalize=normalize)
         _, exact_ids = exact_topk(sample_q, docs, top, normalize=normalize, device=device, block_bytes=block_bytes)
-        metrics[f"{direction}_index_recall@{exact_ids.shape[1]}"] = index_recall(ids[sample], exact_ids)
+        metrics[f"{direction}_index_recall@{exact_ids.shape[1]}"] = index_recall(ids, exact_ids)
     return metrics
 
 
@@ -125,11 +173,15 @@ def clip_benchmark_result(
     language: str = "en",
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The JSON object CLIP_benchmark writes for zero-shot retrieval, with our unambiguous names added."""
+    """The JSON object CLIP_benchmark writes for zero-shot retrieval, with our unambiguous names added.
+
+    `model` and `pretrained` are always strings (no pretrained tag: ""), since CLIP_benchmark's `build`
+    step concatenates them into `model_fullname`.
+    """
     out = {
-        "dataset": dataset,
-        "model": model,
-        "pretrained": pretrained,
+        "dataset": str(dataset),
+        "model": str(model),
+        "pretrained": "" if pretrained is None else str(pretrained),
         "task": "zeroshot_retrieval",
         "metrics": {**clip_benchmark_names(metrics), **metrics},
         "language": language,

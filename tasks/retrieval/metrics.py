@@ -2,16 +2,23 @@
 
 For every query we need the rank of its first positive. Instead of sorting a full queries × documents
 matrix, the rank is counted directly: rank = 1 + (number of non-positive documents that score at
-least as high as the query's best positive). One pass over text blocks × all images gives both
+least as high as the query's best positive). One pass over text blocks × image tiles gives both
 directions at once: row counts are text→image ranks, column counts (summed over blocks) are
 image→text ranks. Counting uses matrix-vector products over 0/1 masks, so the pass costs about
-one dense matrix product plus two elementwise sweeps.
+one dense matrix product plus a few elementwise sweeps.
 
 Tie rule (deterministic, independent of data order): with `ties="pessimistic"` (default) a
 non-positive document with exactly the positive's score is counted as ranked above it, so a
-model that scores everything equally gets R@1 = 0 rather than a lucky 1. `ties="optimistic"`
-counts only strictly higher scores. The score of each positive pair is computed once and written
-into the score block, so a positive is compared with itself bit-exactly.
+model that scores everything equally, or an exact duplicate of the positive image or caption,
+gets no credit (rank ≥ 2) rather than a lucky rank 1. `ties="optimistic"` counts only strictly
+higher scores.
+
+Every score, the positive's included, is read from the same tiled matrix product (tiles of one
+shape, zero-padded), so an exact duplicate scores bit-exactly like the positive. A positive's
+score is only known once its tile is computed, so each threshold starts as an elementwise
+estimate with a rounding-error bound: documents above the bound are counted at once, the few
+inside it are kept and settled against the exact score at the end (a second pass runs only if
+too many fall inside, e.g. a model that scores everything equally).
 """
 
 from __future__ import annotations
@@ -112,6 +119,68 @@ def _block_shape(num_rows: int, num_cols: int, block_bytes: int) -> tuple[int, i
     return min(rows, num_rows, _EXACT_FP32_COUNT - 1), min(cols, num_cols, _EXACT_FP32_COUNT - 1)
 
 
+_ROUNDING_ULPS = 32  # GEMM vs elementwise dot products differ by a few units of u·Σ|a·b|; verified, not assumed
+_BAND_CAP = 2**22  # near-threshold scores kept per direction before falling back to a second pass
+_FP32_MAX_PRODUCT = 1e38  # |a·b| ≤ ‖a‖‖b‖ below this cannot overflow fp32
+
+
+def prepare_rows(block: Tensor, normalize: bool, name: str, start: int) -> Tensor:
+    """L2-normalised rows (when asked); a row whose norm overflows fp32 is a DataError, not a zero vector."""
+    if not normalize:
+        return block
+    norms = torch.linalg.vector_norm(block, dim=1)
+    if not bool(torch.isfinite(norms).all()):
+        bad = int(torch.nonzero(~torch.isfinite(norms))[0, 0]) + start
+        raise DataError(f"{name} row {bad} has a norm that overflows fp32; the model's output is broken or unscaled")
+    return block / norms.clamp_min(1e-12)[:, None]
+
+
+class _Band:
+    """Rank counts for one direction whose thresholds (best positive scores) are only estimates during the pass.
+
+    Scores above `hi` are counted at once, scores below `lo` never; the few inside [lo, hi] are kept as
+    (query, score) and compared with the exact threshold once the pass has read it from the product.
+    """
+
+    def __init__(self, lo: Tensor, hi: Tensor):
+        self.lo, self.hi = lo, hi
+        self.above = torch.zeros(lo.shape[0], dtype=torch.int64, device=lo.device)
+        self.queries: list[Tensor] = []
+        self.scores: list[Tensor] = []
+        self.kept = 0
+        self.overflow = False
+
+    def count(
+        self, s: Tensor, mask: Tensor, lo: Tensor, hi: Tensor, ones: Tensor, axis: int
+    ) -> tuple[Tensor, Tensor]:
+        """Per query of this tile (rows: axis 1, columns: axis 0): how many scores lie in [lo, hi], how many above."""
+        reduce = (lambda m: torch.mv(m, ones)) if axis == 1 else (lambda m: torch.mv(m.T, ones))
+        torch.ge(s, lo, out=mask)
+        at_least_lo = reduce(mask)
+        torch.gt(s, hi, out=mask)
+        above = reduce(mask)
+        return (at_least_lo - above).to(torch.int64), above.to(torch.int64)
+
+    def keep(self, queries: Tensor, scores: Tensor) -> None:
+        self.kept += int(queries.numel())
+        if self.kept > _BAND_CAP:
+            self.overflow = True
+            self.queries.clear(), self.scores.clear()
+        elif not self.overflow:
+            self.queries.append(queries)
+            self.scores.append(scores)
+
+    def finish(self, exact: Tensor, compare) -> Tensor | None:
+        """Non-positives ranked above each query's positive, or None when a second pass must count them."""
+        if self.overflow or not bool(((exact >= self.lo) & (exact <= self.hi)).all()):
+            return None
+        counts = self.above.clone()
+        if self.queries:
+            q, v = torch.cat(self.queries), torch.cat(self.scores)
+            counts.index_add_(0, q, compare(v, exact[q]).to(torch.int64))
+        return counts
+
+
 def first_positive_ranks(
     image_emb,
     text_emb,
@@ -144,66 +213,162 @@ def first_positive_ranks(
         device = image_emb.device if isinstance(image_emb, Tensor) else torch.device("cpu")
     device = torch.device(device)
     mapping_dev = mapping.to(device)
-
-    images = load_rows(image_emb, 0, num_images, device, "image embeddings")
-    if normalize:
-        images = torch.nn.functional.normalize(images, dim=1)
     rows_per_block, cols_per_block = _block_shape(num_texts, num_images, block_bytes)
+    num_tiles = -(-num_images // cols_per_block)
 
-    def text_block(start: int, stop: int, check: bool = True) -> Tensor:
-        block = load_rows(text_emb, start, stop, device, "text embeddings", check)
-        return torch.nn.functional.normalize(block, dim=1) if normalize else block
+    # Images zero-padded to whole tiles, and one text buffer: every product below has the same shape and
+    # memory layout, so equal vectors get bit-equal scores wherever they sit.
+    images = torch.zeros(num_tiles * cols_per_block, dim, device=device)
+    for start in range(0, num_images, rows_per_block):
+        stop = min(start + rows_per_block, num_images)
+        images[start:stop] = prepare_rows(load_rows(image_emb, start, stop, device, "image embeddings"), normalize,
+                                       "image embeddings", start)
+    text_buf = torch.zeros(rows_per_block, dim, device=device)
 
-    # Pass 1 (O(T·D)): the score of every positive pair, once; the best positive of every image.
-    pos = torch.empty(num_texts, dtype=torch.float32, device=device)
+    def load_texts(start: int, stop: int, check: bool = True) -> Tensor:
+        text_buf[: stop - start] = prepare_rows(load_rows(text_emb, start, stop, device, "text embeddings", check),
+                                             normalize, "text embeddings", start)
+        text_buf[stop - start :] = 0
+        return text_buf
+
+    # Pass 1 (O(T·D)): every positive score estimated elementwise, with a bound on its rounding error.
+    est = torch.empty(num_texts, device=device)
+    err = torch.empty(num_texts, device=device)
+    max_text_norm = 0.0
     for start in range(0, num_texts, rows_per_block):
         stop = min(start + rows_per_block, num_texts)
-        pos[start:stop] = (text_block(start, stop) * images[mapping_dev[start:stop]]).sum(dim=1)
-    best = torch.full((num_images,), -torch.inf, device=device).scatter_reduce(0, mapping_dev, pos, "amax")
-    # positives that reach their image's best score are counted by the sweep; subtract them again
-    best_hits = torch.bincount(mapping_dev[pos == best[mapping_dev]], minlength=num_images)
+        texts = load_texts(start, stop)[: stop - start]
+        prod = texts * images[mapping_dev[start:stop]]
+        est[start:stop] = prod.sum(dim=1)
+        err[start:stop] = prod.abs().sum(dim=1) * (_ROUNDING_ULPS * 2.0**-24)
+        if not normalize:
+            max_text_norm = max(max_text_norm, float(torch.linalg.vector_norm(texts, dim=1).max()))
+    if not normalize:
+        max_image_norm = float(torch.linalg.vector_norm(images, dim=1).max())
+        if max_image_norm * max_text_norm >= _FP32_MAX_PRODUCT:
+            raise DataError(
+                f"scores would overflow fp32 (largest image norm {max_image_norm:.3g}, largest text norm "
+                f"{max_text_norm:.3g}); evaluate with normalize=True or scale the embeddings down"
+            )
 
     compare = torch.ge if ties == "pessimistic" else torch.gt
-    text_counts = torch.zeros(num_texts, dtype=torch.int64, device=device)
-    image_counts = torch.zeros(num_images, dtype=torch.int64, device=device)
+    best_est = torch.full((num_images,), -torch.inf, device=device).scatter_reduce(0, mapping_dev, est, "amax")
+    best_err = torch.zeros(num_images, device=device).scatter_reduce(0, mapping_dev, err, "amax")
+    image_band = _Band(best_est - best_err, best_est + best_err)
+    # with one image tile a caption's positive is in every tile it meets: its threshold is exact at once
+    text_band = None if num_tiles == 1 else _Band(est - err, est + err)
+    text_counts = torch.zeros(num_texts, dtype=torch.int64, device=device)  # (one tile) positive included
+    exact = torch.empty(num_texts, device=device)
     scores = torch.empty(rows_per_block, cols_per_block, device=device)
     mask = torch.empty_like(scores)
     ones_cols = torch.ones(cols_per_block, device=device)
     ones_rows = torch.ones(rows_per_block, device=device)
 
-    starts = range(0, num_texts, rows_per_block)
-    if progress:
-        from tqdm import tqdm
+    def row_blocks(desc: str):
+        starts = range(0, num_texts, rows_per_block)
+        if progress:
+            from tqdm import tqdm
 
-        starts = tqdm(starts, desc="ranking", unit="block", leave=False)
-    # Pass 2: one matmul per tile; row sweeps give text→image counts, column sweeps image→text counts.
-    for start in starts:
-        stop = min(start + rows_per_block, num_texts)
+            starts = tqdm(starts, desc=desc, unit="block", leave=False)
+        for start in starts:
+            yield start, min(start + rows_per_block, num_texts)
+
+    # Pass 2: one product per tile; row sweeps count text→image, column sweeps image→text.
+    for start, stop in row_blocks("ranking"):
         rows = stop - start
-        texts = text_block(start, stop, check=False)  # checked in pass 1
-        row_idx = torch.arange(rows, device=device)
-        row_pos, row_img = pos[start:stop], mapping_dev[start:stop]
+        texts = load_texts(start, stop, check=False)  # checked in pass 1
+        row_img = mapping_dev[start:stop]
         for c0 in range(0, num_images, cols_per_block):
-            c1 = min(c0 + cols_per_block, num_images)
-            cols = c1 - c0
-            s = scores[:rows, :cols]
-            torch.matmul(texts, images[c0:c1].T, out=s)
-            inside = (row_img >= c0) & (row_img < c1)
-            s[row_idx[inside], row_img[inside] - c0] = row_pos[inside]
-            m = mask[:rows, :cols]
-            compare(s, row_pos[:, None], out=m)
-            text_counts[start:stop] += torch.mv(m, ones_cols[:cols]).to(torch.int64)
-            compare(s, best[None, c0:c1], out=m)
-            image_counts[c0:c1] += torch.mv(m.T, ones_rows[:rows]).to(torch.int64)
+            cols = min(cols_per_block, num_images - c0)
+            torch.matmul(texts, images[c0 : c0 + cols_per_block].T, out=scores)
+            s, m = scores[:rows, :cols], mask[:rows, :cols]
+            r_in = torch.nonzero((row_img >= c0) & (row_img < c0 + cols)).flatten()
+            c_in = row_img[r_in] - c0
+            pos = s[r_in, c_in]  # the positives' scores, from this very product
+            exact[start + r_in] = pos
 
-    if ties == "pessimistic":
-        # every count includes the positive itself (its score equals the threshold bit-exactly)
-        text_ranks = text_counts
-        image_ranks = 1 + image_counts - best_hits
+            if text_band is None:  # every row's positive is in this tile (r_in = all rows)
+                compare(s, pos[:, None], out=m)
+                text_counts[start:stop] += torch.mv(m, ones_cols[:cols]).to(torch.int64)
+            else:
+                lo, hi = text_band.lo[start:stop], text_band.hi[start:stop]
+                inside, above = text_band.count(s, m, lo[:, None], hi[:, None], ones_cols[:cols], axis=1)
+                text_band.above[start:stop] += above
+                inside.index_add_(0, r_in, -((pos >= lo[r_in]) & (pos <= hi[r_in])).to(torch.int64))
+                sel = torch.nonzero(inside > 0).flatten()
+                if sel.numel():
+                    sub = s[sel]
+                    near = (sub >= lo[sel, None]) & (sub <= hi[sel, None])
+                    own = row_img[sel] - c0
+                    mine = torch.nonzero((own >= 0) & (own < cols)).flatten()
+                    near[mine, own[mine]] = False
+                    rr, cc = torch.nonzero(near).unbind(1)
+                    text_band.keep(start + sel[rr], sub[rr, cc])
+
+            lo, hi = image_band.lo[c0 : c0 + cols], image_band.hi[c0 : c0 + cols]
+            inside, above = image_band.count(s, m, lo[None, :], hi[None, :], ones_rows[:rows], axis=0)
+            image_band.above[c0 : c0 + cols] += above
+            inside.index_add_(0, c_in, -((pos >= lo[c_in]) & (pos <= hi[c_in])).to(torch.int64))
+            sel = torch.nonzero(inside > 0).flatten()
+            if sel.numel():
+                sub = s[:, sel]
+                near = (sub >= lo[None, sel]) & (sub <= hi[None, sel]) & (row_img[:, None] != c0 + sel[None, :])
+                rr, cc = torch.nonzero(near).unbind(1)
+                image_band.keep(c0 + sel[cc], sub[rr, cc])
+
+    best = torch.full((num_images,), -torch.inf, device=device).scatter_reduce(0, mapping_dev, exact, "amax")
+    image_above = image_band.finish(best, compare)
+    text_above = None if text_band is None else text_band.finish(exact, compare)
+    if image_above is None or (text_band is not None and text_above is None):
+        again_i, again_t = _count_with_exact_thresholds(
+            row_blocks, load_texts, images, scores, mask, mapping_dev, exact, best, compare,
+            num_images, cols_per_block, images_needed=image_above is None,
+            texts_needed=text_band is not None and text_above is None,
+        )
+        image_above = image_above if again_i is None else again_i
+        text_above = text_above if again_t is None else again_t
+
+    if text_band is None:
+        # the positive itself is counted under the pessimistic rule (it equals its own threshold)
+        text_ranks = text_counts if ties == "pessimistic" else 1 + text_counts
     else:
-        text_ranks = 1 + text_counts
-        image_ranks = 1 + image_counts
+        text_ranks = 1 + text_above
+    image_ranks = 1 + image_above
     return Ranks(image_to_text=image_ranks.cpu().numpy(), text_to_image=text_ranks.cpu().numpy())
+
+
+def _count_with_exact_thresholds(
+    row_blocks, load_texts, images, scores, mask, mapping, exact, best, compare, num_images, cols_per_block,
+    *, images_needed: bool, texts_needed: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """A second pass over the same products with the exact thresholds: non-positives ranked above the positive."""
+    device = images.device
+    num_texts = exact.shape[0]
+    positive_hits = compare(exact, best[mapping])  # positives counted by the column sweep; subtracted below
+    image_counts = -torch.bincount(mapping[positive_hits], minlength=num_images).to(torch.int64)
+    text_counts = torch.zeros(num_texts, dtype=torch.int64, device=device)
+    rows_per_block = scores.shape[0]
+    ones_cols = torch.ones(cols_per_block, device=device)
+    ones_rows = torch.ones(rows_per_block, device=device)
+    for start, stop in row_blocks("ranking (exact thresholds)"):
+        rows = stop - start
+        texts = load_texts(start, stop, check=False)
+        row_img = mapping[start:stop]
+        row_exact = exact[start:stop]
+        for c0 in range(0, num_images, cols_per_block):
+            cols = min(cols_per_block, num_images - c0)
+            torch.matmul(texts, images[c0 : c0 + cols_per_block].T, out=scores)
+            s, m = scores[:rows, :cols], mask[:rows, :cols]
+            r_in = torch.nonzero((row_img >= c0) & (row_img < c0 + cols)).flatten()
+            s[r_in, row_img[r_in] - c0] = -torch.inf  # positives are not counted against themselves
+            if texts_needed:
+                compare(s, row_exact[:, None], out=m)
+                text_counts[start:stop] += torch.mv(m, ones_cols[:cols]).to(torch.int64)
+            if images_needed:
+                s[r_in, row_img[r_in] - c0] = exact[start + r_in]
+                compare(s, best[None, c0 : c0 + cols], out=m)
+                image_counts[c0 : c0 + cols] += torch.mv(m.T, ones_rows[:rows]).to(torch.int64)
+    return (image_counts if images_needed else None), (text_counts if texts_needed else None)
 
 
 def recall_at_k(ranks: np.ndarray, k: int) -> float:

@@ -17,14 +17,13 @@ from torch import Tensor
 from xmodal.errors import ConfigError, DataError
 from xmodal.registry import Registry
 
-from .metrics import DEFAULT_BLOCK_BYTES, check_embeddings, load_rows
+from .metrics import DEFAULT_BLOCK_BYTES, check_embeddings, load_rows, prepare_rows
 
 INDEXES: Registry[Callable[..., IndexFactory]] = Registry("retrieval index")
 
 
 def _normalized_rows(x, start: int, stop: int, device: torch.device, normalize: bool, name: str) -> Tensor:
-    block = load_rows(x, start, stop, device, name)
-    return torch.nn.functional.normalize(block, dim=1) if normalize else block
+    return prepare_rows(load_rows(x, start, stop, device, name), normalize, name, start)
 
 
 def _topk_lowest_index(scores: Tensor, k: int, offset: int) -> tuple[Tensor, Tensor]:
@@ -158,11 +157,15 @@ def build_index(
     train_size: int = 100_000,
     seed: int = 0,
     progress: bool = False,
+    name: str = "documents",
     **params,
 ):
-    """Build and fill the faiss index `kind` over `docs` (tensor or memory-mapped array), in blocks."""
+    """Build and fill the faiss index `kind` over `docs` (tensor or memory-mapped array), in blocks.
+
+    `name` is how errors call the documents (e.g. "image embeddings").
+    """
     factory = INDEXES.build(kind, **params)
-    check_embeddings(docs, "documents")
+    check_embeddings(docs, name)
     num, dim = int(docs.shape[0]), int(docs.shape[1])
     cpu = torch.device("cpu")
     index = factory.build(dim, num)
@@ -170,7 +173,12 @@ def build_index(
         rng = np.random.default_rng(seed)
         sample = np.sort(rng.choice(num, size=min(num, train_size), replace=False))
         rows = docs[torch.as_tensor(sample, device=docs.device)] if isinstance(docs, Tensor) else docs[sample]
-        train = _normalized_rows(rows, 0, len(sample), cpu, normalize, "documents")
+        train = load_rows(rows, 0, len(sample), cpu, name, check=False)
+        finite = torch.isfinite(train).all(dim=1)
+        if not bool(finite.all()):  # name the row in `docs`, not in the sample
+            bad = int(sample[int(torch.nonzero(~finite)[0, 0])])
+            load_rows(docs, bad, bad + 1, cpu, name)  # raises, naming row `bad`
+        train = _normalized_rows(train, 0, len(sample), cpu, normalize, name)
         index.train(np.ascontiguousarray(train.numpy()))
     starts = range(0, num, block_rows)
     if progress:
@@ -179,15 +187,17 @@ def build_index(
         starts = tqdm(starts, desc=f"indexing ({kind})", unit="block", leave=False)
     for start in starts:
         stop = min(start + block_rows, num)
-        index.add(np.ascontiguousarray(_normalized_rows(docs, start, stop, cpu, normalize, "documents").numpy()))
+        rows = _normalized_rows(docs, start, stop, cpu, normalize, name)
+        index.add(np.ascontiguousarray(rows.numpy()))
     return index
 
 
 def search_index(
-    index, queries, k: int, *, normalize: bool = True, block_rows: int = 16384, progress: bool = False
+    index, queries, k: int, *, normalize: bool = True, block_rows: int = 16384, progress: bool = False,
+    name: str = "queries",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Search `queries` in a faiss index block by block; returns (scores [Q, k], ids [Q, k])."""
-    check_embeddings(queries, "queries")
+    check_embeddings(queries, name)
     if queries.shape[1] != index.d:
         raise DataError(f"queries have dim {queries.shape[1]} but the index holds dim {index.d} vectors")
     num = int(queries.shape[0])
@@ -201,7 +211,7 @@ def search_index(
         starts = tqdm(starts, desc="searching", unit="block", leave=False)
     for start in starts:
         stop = min(start + block_rows, num)
-        q = _normalized_rows(queries, start, stop, torch.device("cpu"), normalize, "queries")
+        q = _normalized_rows(queries, start, stop, torch.device("cpu"), normalize, name)
         scores[start:stop], ids[start:stop] = index.search(np.ascontiguousarray(q.numpy()), k)
     return scores, ids
 
