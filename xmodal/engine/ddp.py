@@ -26,7 +26,11 @@ def env_world_size() -> int:
 
 def init_distributed(device: str | torch.device = "auto", backend: str | None = None,
                      timeout_s: float = 1800.0) -> torch.device:
-    """Join the torchrun process group when WORLD_SIZE > 1 (idempotent) and return this process's device."""
+    """Join the torchrun process group when WORLD_SIZE > 1 and return this process's device (cuda:LOCAL_RANK).
+
+    Safe to call more than once (a job calls it to place its models, then the engine calls it again): a group
+    already joined is kept, and the same settings give the same device.
+    """
     device = resolve_device(device)
     if device.type == "cuda" and device.index is None and (is_distributed() or env_world_size() > 1):
         local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank() if is_distributed() else 0))
