@@ -125,3 +125,64 @@ def test_non_vit_tower_is_rejected():
     resnet = {**TEACHER, "vision_cfg": {"layers": [1, 1, 1, 1], "width": 16, "head_width": 16, "image_size": 64}}
     with pytest.raises(ConfigError, match="gates ViT image towers"):
         MaskedCLIP(create_student(resnet))
+
+
+JOB = """
+job: clip_distill
+run_dir: {run}
+data:
+  root: {data}
+  synthetic: {{train: 32, val: 16, test: 16, image_size: 32}}
+teacher:
+  model_cfg: {teacher}
+student:
+  shrink: {{vision: {{layers: 2, width: 0.5}}, text: {{layers: 2, width: 0.5}}}}
+  inherit: {{mode: auto, auto: {{steps: 3, warmup_steps: 2, batch_size: 8}}}}
+train: {{steps: 1, batch_size: 8, warmup_steps: 0, device: cpu, precision: fp32}}
+eval: {{zeroshot: false}}
+"""
+
+
+def test_clip_job_learns_masks_and_starts_from_the_fused_student(tmp_path, monkeypatch):
+    import json
+
+    from xmodal.config import JOBS, load_job_config
+    from xmodal.tasks.clip import job
+
+    fused, trained_from = [], []
+    real_fuse = MaskedCLIP.fuse
+
+    def spy(self, student_cfg, preprocess_cfg=None):
+        student, report = real_fuse(self, student_cfg, preprocess_cfg)
+        fused.append((student_cfg, {k: v.clone() for k, v in student.state_dict().items()}))
+        return student, report
+
+    monkeypatch.setattr(MaskedCLIP, "fuse", spy)
+    real_train = job.train_clip
+
+    def train_clip(clip_model, *args, **kwargs):
+        trained_from.append({k: v.clone() for k, v in clip_model.model.state_dict().items()})
+        return real_train(clip_model, *args, **kwargs)
+
+    monkeypatch.setattr(job, "train_clip", train_clip)
+    job_teacher = {**TEACHER, "text_cfg": {**TEACHER["text_cfg"], "vocab_size": 49408}}  # open_clip's tokenizer
+    path = tmp_path / "job.yaml"
+    path.write_text(JOB.format(run=tmp_path / "run", data=tmp_path / "data", teacher=json.dumps(job_teacher)))
+    name, cfg = load_job_config(path)
+    results = JOBS.get(name).run(cfg)
+    assert results["stage0"]["inherit"] == "auto" and 0 < results["stage0"]["mask_density"] <= 1
+    student_cfg = json.loads((tmp_path / "run" / "student_open_clip.json").read_text())["model_cfg"]
+    assert len(fused) == 1 and fused[0][0] == student_cfg and student_cfg["vision_cfg"]["layers"] == 2
+    assert len(trained_from) == 1 and trained_from[0].keys() == fused[0][1].keys()  # training starts from it
+    assert all(torch.equal(trained_from[0][k], v) for k, v in fused[0][1].items())
+
+
+def test_auto_inheritance_config_errors(teacher):
+    from xmodal.tasks.clip.config import AutoInheritConfig, InheritConfig
+    from xmodal.tasks.clip.job import build_student, wrap_open_clip
+
+    with pytest.raises(ConfigError, match="auto.steps must be at least 1"):
+        AutoInheritConfig(steps=0)
+    cfg = shrink_model_cfg(TEACHER, {"vision": {"layers": 2}, "text": {"layers": 2}})
+    with pytest.raises(ConfigError, match="learns masks on training data"):
+        build_student(wrap_open_clip(teacher, TEACHER), cfg, InheritConfig(mode="auto"), torch.device("cpu"))

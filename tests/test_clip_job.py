@@ -171,3 +171,49 @@ def test_eval_retrieval_on_a_run_folder_matches_the_jobs_own_evaluation(finished
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in records if "eval/text_to_image_R@1" in r][-1]
     assert metrics["text_to_image_R@1"] == pytest.approx(final["eval/text_to_image_R@1"], abs=1e-6)
+
+
+def test_teacher_and_students_are_built_on_the_engines_per_rank_device(tmp_path, monkeypatch):
+    """Under torchrun each process owns one GPU: the job must join the group first and build on that device."""
+    from xmodal.tasks.clip import job
+
+    rank_device = torch.device("cpu", 1)  # stands in for cuda:LOCAL_RANK, which only init_distributed knows
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def init_distributed(device="auto", *args, **kwargs):
+        calls.append(("init_distributed", device))
+        return rank_device
+
+    real_obtain = job.obtain_teacher
+
+    def obtain_teacher(cfg, paths, data_cfg, run_dir, device):
+        calls.append(("teacher", device))
+        return real_obtain(cfg, paths, data_cfg, run_dir, torch.device("cpu"))
+
+    def build_student(teacher, model_cfg, inherit, device, *args, **kwargs):
+        calls.append(("student", device))
+        raise Stop
+
+    monkeypatch.setattr(job, "init_distributed", init_distributed, raising=False)
+    monkeypatch.setattr(job, "obtain_teacher", obtain_teacher)
+    monkeypatch.setattr(job, "build_student", build_student)
+    cfg_path = write_config(tmp_path, "student: {shrink: {vision: {width: 0.5}, text: {width: 0.5}}}\n"
+                                      "train: {steps: 1, batch_size: 16, device: cpu}\n")
+    name, cfg = load_job_config(cfg_path)
+    with pytest.raises(Stop):
+        job.run(cfg)
+    assert calls == [("init_distributed", "cpu"), ("teacher", rank_device), ("student", rank_device)]
+
+
+    def teacher_only(cfg, paths, data_cfg, run_dir, device):
+        calls.append(("teacher", device))
+        raise Stop
+
+    calls.clear()
+    monkeypatch.setattr(job, "obtain_teacher", teacher_only)
+    with pytest.raises(Stop):
+        job.cache_source(cfg)  # `xmodal cache` loads the teacher the same way
+    assert calls == [("init_distributed", "cpu"), ("teacher", rank_device)]

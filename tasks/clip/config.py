@@ -33,11 +33,30 @@ class TeacherConfig(ClipModelConfig):
 
 
 @dataclass
-class InheritConfig:
-    """Manual weight inheritance (TinyCLIP): which teacher layers and channels the student keeps."""
+class AutoInheritConfig:
+    """Automatic inheritance: hard-concrete masks on the source learn, under the student's sparsity, to keep
+    the layers, heads and MLP channels that matter for affinity mimicking; then they are fused into the student."""
 
+    steps: int = 200
+    lr: float = 0.05
+    lambda_lr: float = 0.05  # the Lagrange multipliers' rate (they rise until the density meets the target)
+    warmup_steps: int = 0  # the target density falls from 1 to the student's over these steps
+    batch_size: int | None = None  # None: train.batch_size
+    train_weights: bool = False  # learn the source's weights with the masks (TinyCLIP) or the masks alone
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"student.inherit.auto.steps must be at least 1 (mask-learning steps), got {self.steps}")
+
+
+@dataclass
+class InheritConfig:
+    """Weight inheritance (TinyCLIP): `manual` slices by rule (which layers, which channels); `auto` learns masks."""
+
+    mode: Literal["manual", "auto"] = "manual"
     layers: Literal["uniform", "first"] = "uniform"
     channels: Literal["first", "importance"] = "importance"
+    auto: AutoInheritConfig = field(default_factory=AutoInheritConfig)
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 Run folder: `config.yaml`, `metrics.jsonl`, `checkpoints/`, `student_open_clip.json` (for `xmodal export`),
 `results.json`; a trained teacher lives in `teacher/<settings hash>/open_clip` and is reused when unchanged;
-earlier progressive stages live in `stages/<k>/`.
+earlier progressive stages live in `stages/<k>/`, and `stages.json` records each stage's plan, status and final
+checkpoint, so `--resume` skips finished stages and continues the interrupted one.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,12 +20,15 @@ import torch
 from torch import nn
 
 from xmodal.config import LossSpec, TrainConfig, register_job, to_dict
-from xmodal.device import resolve_device, seed_everything
+from xmodal.device import seed_everything
 from xmodal.engine.cache import CacheSource, register_cache_source
-from xmodal.errors import ConfigError
+from xmodal.engine.checkpoint import RESUME_AUTO
+from xmodal.engine.ddp import init_distributed
+from xmodal.engine.stages import DONE, Stage, StageRun, train_identity
+from xmodal.errors import CheckpointError, ConfigError, DataError
 from xmodal.fingerprint import hash_json
 from xmodal.io import atomic_write_json
-from xmodal.tasks.clip.config import ClipDistillConfig, DataConfig, TeacherConfig
+from xmodal.tasks.clip.config import AutoInheritConfig, ClipDistillConfig, DataConfig, TeacherConfig
 from xmodal.tasks.clip.data import PairedViews, View, collate_skipping, same_pipeline
 from xmodal.tasks.clip.models import ClipStudent, ClipTeacher
 
@@ -223,11 +228,12 @@ def train_clip(clip_model: ClipModel, paths: DataPaths, data_cfg: DataConfig, tr
                           teacher=teacher_cache if teacher_cache is not None else teacher_fn,
                           evaluator=evaluator, config=config, teacher_fingerprint=fingerprint, resume=resume,
                           collate_fn=collate_skipping)
-    result = distiller.fit()
+    from xmodal.distributed import is_main_process
     from xmodal.students.export import write_student_config
 
-    write_student_config(run_dir, clip_model.model_cfg, clip_model.preprocess_cfg)
-    return result
+    if is_main_process():  # before training, so an interrupted run can be exported too
+        write_student_config(run_dir, clip_model.model_cfg, clip_model.preprocess_cfg)
+    return distiller.fit()
 
 
 def obtain_teacher(cfg: TeacherConfig, paths: DataPaths, data_cfg: DataConfig, run_dir: Path,
@@ -255,23 +261,82 @@ def obtain_teacher(cfg: TeacherConfig, paths: DataPaths, data_cfg: DataConfig, r
     log.info("teacher: training %s params contrastively for %d steps", f"{count_parameters(teacher.model):,}",
              cfg.train.steps)
     train_clip(teacher, paths, data_cfg, cfg.train, folder, losses=[LossSpec("clip")], device=device,
-               config={"teacher": settings}, resume="latest")  # an interrupted teacher run continues
+               config={"teacher": settings}, resume=RESUME_AUTO)  # an interrupted teacher run continues
     export_open_clip(teacher.model, teacher.model_cfg, export_dir, teacher.preprocess_cfg, overwrite=True)
     return load_clip(exported, device)  # the exported form, so a fresh and a reused teacher are the same teacher
 
 
 def build_student(teacher: ClipModel, model_cfg: dict, inherit, device: torch.device,
-                  source: ClipModel | None = None) -> tuple[ClipModel, dict | None]:
-    """A student from `model_cfg`, inheriting weights from `source` (the teacher or the previous stage)."""
+                  source: ClipModel | None = None,
+                  batches: Callable[[ClipModel], Iterator[dict]] | None = None) -> tuple[ClipModel, dict | None]:
+    """A student from `model_cfg`, inheriting weights from `source` (the teacher or the previous stage).
+
+    `inherit.mode: auto` learns masks on the source from `batches(source)` (training batches in its own pipeline)
+    and fuses them into the student; `manual` slices the source's weights by rule; no `inherit`: random init.
+    """
     from xmodal.students.clip import create_student
     from xmodal.students.inheritance import inherit_weights
 
-    model = create_student(model_cfg, {k: v for k, v in teacher.preprocess_cfg.items() if k != "size"},
-                           device=device)
+    preprocess = {k: v for k, v in teacher.preprocess_cfg.items() if k != "size"}
+    source = source or teacher
+    if inherit is not None and inherit.mode == "auto":
+        if batches is None:
+            raise ConfigError("student.inherit.mode 'auto' learns masks on training data, and none was given here; "
+                              "use mode: manual")
+        model, report = auto_inherit(source, model_cfg, preprocess, inherit.auto, batches(source), device)
+        return wrap_open_clip(model, model_cfg), report
+    model = create_student(model_cfg, preprocess, device=device)
     report = None
     if inherit is not None:
-        report = inherit_weights((source or teacher).model, model, layers=inherit.layers, channels=inherit.channels)
+        report = inherit_weights(source.model, model, layers=inherit.layers, channels=inherit.channels)
     return wrap_open_clip(model, model_cfg), report
+
+
+def auto_inherit(source: ClipModel, model_cfg: dict, preprocess_cfg: dict, cfg: AutoInheritConfig,
+                 batches: Iterator[dict], device: torch.device) -> tuple[nn.Module, dict]:
+    """Automatic inheritance (TinyCLIP): masks on a copy of `source` learn affinity mimicking under the student's
+    sparsity, then the top-scoring layers, heads and channels are fused into the `model_cfg` student."""
+    from xmodal.losses import LOSSES
+    from xmodal.students.auto_inheritance import MaskedCLIP, learn_masks
+
+    masked = MaskedCLIP(source.model, train_weights=cfg.train_weights).to(device)
+    affinity = LOSSES.build("affinity")
+    target = masked.target_density(model_cfg)
+    log.info("automatic inheritance: learning masks for %d steps toward density %.3f", cfg.steps, target)
+    history = learn_masks(masked, source.model, batches, lambda s, t, b: affinity(s, t, b).loss, model_cfg,
+                          steps=cfg.steps, lr=cfg.lr, lambda_lr=cfg.lambda_lr, warmup_steps=cfg.warmup_steps)
+    if len(history) < cfg.steps:
+        raise DataError(f"automatic inheritance: the training data ran out after {len(history)} of {cfg.steps} steps")
+    model, report = masked.fuse(model_cfg, preprocess_cfg)
+    report["target_density"] = target
+    log.info("automatic inheritance: mask density %.3f (target %.3f), fused into the student",
+             report["density"], target)
+    return model.requires_grad_(True), report
+
+
+def training_batches(model: ClipModel, paths: DataPaths, data_cfg: DataConfig, batch_size: int, seed: int,
+                     device: torch.device) -> Iterator[dict]:
+    """Endless training batches in `model`'s own pipeline, on `device`; the same batches in every process."""
+    from xmodal.engine import BatchStream, to_device
+
+    dataset = paired_dataset(paths.train, [View(model.train_transform, model.tokenizer)], data_cfg)
+    for batch in BatchStream(dataset, global_batch=batch_size, seed=seed, collate_fn=collate_skipping):
+        yield to_device(batch, device)
+
+
+def load_stage_student(teacher: ClipModel, model_cfg: dict, path: Path, device: torch.device) -> ClipModel:
+    """A finished stage's student, read from its final checkpoint (the `clip.*` part of the engine's state)."""
+    from xmodal.engine.checkpoint import load_checkpoint
+    from xmodal.students.clip import create_student
+
+    state = load_checkpoint(path)["model"]
+    model = create_student(model_cfg, {k: v for k, v in teacher.preprocess_cfg.items() if k != "size"},
+                           device=device)
+    try:
+        model.load_state_dict({k[len("clip."):]: v for k, v in state.items() if k.startswith("clip.")})
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: this stage's checkpoint does not fit its planned student: {e}") from e
+    return wrap_open_clip(model.requires_grad_(False), model_cfg)
 
 
 def stage_plan(cfg: ClipDistillConfig, teacher: ClipModel) -> list[tuple[dict, TrainConfig]]:
@@ -299,42 +364,91 @@ def stage_plan(cfg: ClipDistillConfig, teacher: ClipModel) -> list[tuple[dict, T
     return plan
 
 
+def stage_records(cfg: ClipDistillConfig, teacher: ClipModel, plan: list[tuple[dict, TrainConfig]]) -> list[Stage]:
+    """The engine's view of the plan: each stage's folder and identity (what decides the student it trains)."""
+    from xmodal.fingerprint import model_fingerprint
+
+    shared = {"teacher": model_fingerprint(teacher.model, teacher.preprocess_cfg), "losses": to_dict(cfg.losses),
+              "inherit": to_dict(cfg.student.inherit), "projection": cfg.student.projection}
+    last = len(plan) - 1
+    return [Stage(f"stage{k}", "" if k == last else f"stages/{k}",
+                  {"model_cfg": model_cfg, "train": train_identity(train), **shared}, train.steps)
+            for k, (model_cfg, train) in enumerate(plan)]
+
+
 @register_job("clip_distill", ClipDistillConfig, help="compress a CLIP teacher into a smaller student")
 def run(cfg: ClipDistillConfig) -> dict:
+    """Train (or reuse) the teacher, then each stage in turn; a resumed run skips the stages it finished."""
+    from xmodal.distributed import is_main_process
+    from xmodal.engine.checkpoint import CheckpointManager
     from xmodal.students.clip import describe_model_cfg
 
+    device = init_distributed(cfg.train.device)  # this process's device (cuda:LOCAL_RANK under torchrun)
     seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
     run_dir = Path(cfg.run_dir)
     paths = resolve_data(cfg.data)
     teacher = obtain_teacher(cfg.teacher, paths, cfg.data, run_dir, device)
     teacher.model.eval().requires_grad_(False)
     plan = stage_plan(cfg, teacher)
-    previous: ClipModel | None = None
+    stages = StageRun(run_dir, stage_records(cfg, teacher, plan), resume=cfg.resume)
     results: dict[str, Any] = {"teacher": {"params": count_parameters(teacher.model),
                                            "arch": describe_model_cfg(teacher.model_cfg)}}
+    if stages.finished:
+        log.info("all %d stage(s) in %s finished earlier: nothing to train (raise train.steps to train on)",
+                 len(plan), run_dir)
+    inherit = cfg.student.inherit
+    batch_size = inherit.auto.batch_size if inherit is not None and inherit.auto.batch_size else cfg.train.batch_size
+    previous: ClipModel | None = None
+    finished_before: int | None = None  # the finished stage the next one inherits from, loaded when needed
     for k, (model_cfg, train) in enumerate(plan):
-        last = k == len(plan) - 1
-        stage_dir = run_dir if last else run_dir / "stages" / str(k)
-        student, report = build_student(teacher, model_cfg, cfg.student.inherit, device, previous)
-        log.info("stage %d/%d: student %s, %s params%s", k + 1, len(plan), describe_model_cfg(model_cfg),
-                 f"{count_parameters(student.model):,}", " (inherited)" if report else " (random init)")
+        record = stages[k]
+        if record.status == DONE:
+            log.info("stage %d/%d: finished earlier (%s), skipped", k + 1, len(plan), record.checkpoint)
+            results[record.name] = record.result
+            finished_before = k
+            continue
+        stage_dir = stages.folder(k)
+        resume = stages.resume(k)
+        restoring = resume is not None and CheckpointManager(stage_dir / "checkpoints").resolve(resume) is not None
+        if restoring:
+            stage_inherit = None  # the checkpoint holds the student: inheriting again would be wasted work
+        else:
+            stage_inherit = inherit
+            if previous is None and finished_before is not None and inherit is not None:
+                previous = load_stage_student(teacher, plan[finished_before][0], stages.checkpoint(finished_before),
+                                              device)
+        seed_everything(train.seed)  # a stage's start depends on its inputs, not on how earlier stages used the RNG
+        student, report = build_student(
+            teacher, model_cfg, stage_inherit, device, previous,
+            batches=lambda src, seed=train.seed: training_batches(src, paths, cfg.data, batch_size, seed, device))
+        how = "random init" if report is None else f"{report.get('mode', 'manual')} inheritance"
+        how = "restored from its checkpoint" if restoring else how
+        log.info("stage %d/%d: student %s, %s params (%s)", k + 1, len(plan), describe_model_cfg(model_cfg),
+                 f"{count_parameters(student.model):,}", how)
         evaluator = make_evaluator(student, paths, cfg.eval.split, cfg.eval.batch_size, cfg.eval.zeroshot, device)
+        stages.start(k)
         out = train_clip(student, paths, cfg.data, train, stage_dir, losses=cfg.losses, teacher=teacher,
-                         evaluator=evaluator, config=cfg, resume=cfg.resume if last else None,
-                         projection=cfg.student.projection, device=device, teacher_cache=cfg.teacher.cache)
-        results[f"stage{k}"] = {"arch": describe_model_cfg(model_cfg), "params": count_parameters(student.model),
-                                **{key: v for key, v in out.items() if isinstance(v, (int, float, str))}}
+                         evaluator=evaluator, config=cfg, resume=resume, projection=cfg.student.projection,
+                         device=device, teacher_cache=cfg.teacher.cache)
+        results[record.name] = {
+            "arch": describe_model_cfg(model_cfg), "params": count_parameters(student.model),
+            "inherit": "none" if inherit is None else inherit.mode,
+            **{key: v for key, v in out.items() if isinstance(v, (int, float, str))},
+        }
+        if report is not None and "density" in report:
+            results[record.name]["mask_density"] = report["density"]
+        stages.finish(k, out["step"], results[record.name])
         student.model.requires_grad_(False)
         previous = student
-    atomic_write_json(run_dir / "results.json", results)
+    if is_main_process():
+        atomic_write_json(run_dir / "results.json", results)
     return results
 
 
 @register_cache_source("clip_distill")
 def cache_source(cfg: ClipDistillConfig) -> CacheSource:
     """`xmodal cache CONFIG`: the teacher's image and caption embeddings for every training sample."""
-    device = resolve_device(cfg.train.device)
+    device = init_distributed(cfg.train.device)
     paths = resolve_data(cfg.data)
     teacher = obtain_teacher(cfg.teacher, paths, cfg.data, Path(cfg.run_dir), device)
     fn = ClipTeacher(teacher.model, extra=teacher.preprocess_cfg)
