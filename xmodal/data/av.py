@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import wave
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +23,6 @@ from xmodal.errors import ConfigError, DataError
 
 VIDEO_BACKENDS = ("decord", "pyav")
 MAX_EXPANSION = 1024.0  # decoded float32 bytes allowed per byte of audio file (PCM WAV needs 2-4, lossy codecs ~100)
-_LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601, as ffmpeg's rgb→gray
 
 
 @dataclass
@@ -187,42 +186,130 @@ def require_transcripts(records: Sequence[AVRecord], needed_by: str) -> int:
 # ----------------------------------------------------------------------------------------------- video
 
 
-def decode_video(path: str | Path, backend: str = "decord", num_threads: int = 1) -> np.ndarray:
-    """All frames of a video as grayscale uint8 [T, H, W], decoded with decord or PyAV."""
+Box = tuple[int, int, int, int]  # top, left, height, width in pixels
+
+
+def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
+    """uint8 RGB [..., 3] → uint8 gray [...] by ITU-R BT.601 luma in 16-bit fixed point (as Pillow's "L"): the one
+    colour-to-gray rule for every video backend, so decord and PyAV give the same grey levels."""
+    acc = rgb[..., 0].astype(np.uint32)  # two uint32 planes in all, updated in place
+    acc *= 19595
+    tmp = rgb[..., 1].astype(np.uint32)
+    tmp *= 38470
+    acc += tmp
+    np.multiply(rgb[..., 2], 7471, out=tmp, dtype=np.uint32)
+    acc += tmp
+    acc += 32768
+    acc >>= 16
+    return acc.astype(np.uint8)
+
+
+def _check_box(box: Box, h: int, w: int, path: Path) -> None:
+    top, left, bh, bw = box
+    if bh < 1 or bw < 1 or top < 0 or left < 0 or top + bh > h or left + bw > w:
+        raise DataError(f"{path}: crop box (top, left, height, width) = {tuple(box)} does not fit its {h}x{w} frames")
+
+
+def _resize_gray(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """One uint8 gray frame → (height, width) with antialiased bilinear filtering, rounded back to uint8."""
+    if frame.shape == size:
+        return frame
+    x = torch.from_numpy(np.ascontiguousarray(frame)).float()[None, None]
+    x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return x[0, 0].round_().clamp_(0, 255).to(torch.uint8).numpy()
+
+
+def _decord_rgb(path: Path, num_threads: int) -> tuple[int, Iterator[np.ndarray]]:
+    import decord
+
+    vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=num_threads)
+
+    def frames() -> Iterator[np.ndarray]:
+        for _ in range(len(vr)):
+            try:
+                yield vr.next().asnumpy()
+            except StopIteration:
+                return
+
+    return len(vr), frames()
+
+
+def _pyav_rgb(path: Path, num_threads: int) -> tuple[int, Iterator[np.ndarray]]:
+    import av
+
+    container = av.open(str(path))
+    if not container.streams.video:
+        container.close()
+        raise DataError(f"{path} has no video stream")
+    stream = container.streams.video[0]
+    stream.thread_count = num_threads
+
+    def frames() -> Iterator[np.ndarray]:
+        with container:
+            for frame in container.decode(stream):
+                yield frame.to_ndarray(format="rgb24")
+
+    return int(stream.frames or 0), frames()
+
+
+_RGB_READERS = {"decord": _decord_rgb, "pyav": _pyav_rgb}  # backend → (frame-count hint, RGB frame iterator)
+
+
+def iter_gray_frames(path: str | Path, backend: str = "decord", num_threads: int = 1, *, crop: Box | None = None,
+                     resize: int | tuple[int, int] | None = None) -> tuple[int, Iterator[np.ndarray]]:
+    """(frame-count hint, 0 when the container does not say; iterator of uint8 gray frames [H, W]), decoded one
+    frame at a time: each RGB frame is cropped to `crop` (top, left, height, width), turned to gray
+    (`rgb_to_gray`) and resized to `resize` (a side, or (height, width)) before the next one is decoded."""
     path = Path(path)
-    if backend == "decord":
-        import decord
+    if backend not in _RGB_READERS:
+        raise ConfigError(f"unknown video backend {backend!r}; choose one of {VIDEO_BACKENDS}")
+    size = (resize, resize) if isinstance(resize, int) else tuple(resize) if resize is not None else None
+    if size is not None and min(size) < 1:
+        raise ConfigError(f"video resize must be positive, got {resize}")
+    hint, rgb_frames = _RGB_READERS[backend](path, num_threads)
 
-        vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=num_threads)
-        n = len(vr)
-        if n == 0:
-            raise DataError(f"{path} has no video frames")
-        rgb = vr.get_batch(list(range(n))).asnumpy()  # [T, H, W, 3] uint8
-        return np.clip(rgb.astype(np.float32) @ _LUMA + 0.5, 0, 255).astype(np.uint8)
-    if backend == "pyav":
-        import av
+    def gray() -> Iterator[np.ndarray]:
+        for rgb in rgb_frames:
+            if crop is not None:
+                _check_box(crop, rgb.shape[0], rgb.shape[1], path)
+                top, left, h, w = crop
+                rgb = rgb[top:top + h, left:left + w]
+            g = rgb_to_gray(rgb)
+            yield _resize_gray(g, size) if size is not None else g
 
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise DataError(f"{path} has no video stream")
-            stream = container.streams.video[0]
-            stream.thread_count = num_threads
-            frames = [f.to_ndarray(format="gray") for f in container.decode(stream)]
-        if not frames:
-            raise DataError(f"{path} has no video frames")
-        return np.stack(frames)
-    raise ConfigError(f"unknown video backend {backend!r}; choose one of {VIDEO_BACKENDS}")
+    return hint, gray()
 
 
-def _load_frames(rec: AVRecord, backend: str) -> np.ndarray:
-    """Decode with the configured backend, then the other one; if both fail, name both errors."""
+def decode_video(path: str | Path, backend: str = "decord", num_threads: int = 1, *, crop: Box | None = None,
+                 resize: int | tuple[int, int] | None = None) -> np.ndarray:
+    """All frames of a video as grayscale uint8 [T, H, W], decoded with decord or PyAV frame by frame (see
+    `iter_gray_frames`): memory is one decoded frame plus the output, whatever the clip's length and size."""
+    hint, frames = iter_gray_frames(path, backend, num_threads, crop=crop, resize=resize)
+    out: np.ndarray | None = None
+    n = 0
+    for g in frames:
+        if out is None:
+            out = np.empty((max(hint, 1), *g.shape), np.uint8)
+        elif n == out.shape[0]:  # the container under-reported its length: grow geometrically
+            out = np.concatenate([out, np.empty((max(n // 2, 1), *g.shape), np.uint8)])
+        out[n] = g
+        n += 1
+    if out is None or n == 0:
+        raise DataError(f"{path} has no video frames")
+    return out[:n] if n < out.shape[0] else out
+
+
+def _load_frames(rec: AVRecord, backend: str, resize: int | None = None) -> np.ndarray:
+    """Decode with the configured backend, then the other one; if both fail, name both errors. With `resize`,
+    frames are resized to resize x resize as they are decoded."""
     if not rec.video.is_file():
         raise DataError(f"sample {rec.id!r}: video file {rec.video} does not exist ({rec.source}:{rec.line})")
     errors = []
     order = (backend,) + tuple(b for b in VIDEO_BACKENDS if b != backend)
+    options = {} if resize is None else {"resize": resize}
     for b in order:
         try:
-            return decode_video(rec.video, b)
+            return decode_video(rec.video, b, **options)
         except ImportError as e:
             errors.append(f"{b}: not installed ({e})")
         except Exception as e:  # decoders raise their own error types
@@ -241,10 +328,11 @@ def _crop_offsets(h: int, w: int, size: int, random: bool, gen: torch.Generator)
 
 def preprocess_video(frames: np.ndarray, cfg: VideoConfig, train: bool, gen: torch.Generator,
                      sample_id: str = "?") -> torch.Tensor:
-    """uint8 [T, H, W] → normalised float [T, 1, crop, crop] with train-time augmentation."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).float().div_(255.0).unsqueeze(1)  # [T, 1, H, W]
+    """uint8 [T, H, W] → normalised float [T, 1, crop, crop] with train-time augmentation (frames already at
+    `resize` are cropped before they become float, so only the crop is ever converted)."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).unsqueeze(1)  # uint8 [T, 1, H, W]
     if cfg.resize is not None and tuple(x.shape[-2:]) != (cfg.resize, cfg.resize):
-        x = torch.nn.functional.interpolate(x, size=(cfg.resize, cfg.resize), mode="bilinear",
+        x = torch.nn.functional.interpolate(x.float().div_(255.0), size=(cfg.resize, cfg.resize), mode="bilinear",
                                             align_corners=False, antialias=True)
     t, _, h, w = x.shape
     size = cfg.crop_size
@@ -253,6 +341,8 @@ def preprocess_video(frames: np.ndarray, cfg: VideoConfig, train: bool, gen: tor
                         "lower crop_size or set video.resize")
     top, left = _crop_offsets(h, w, size, train and cfg.random_crop, gen)
     x = x[:, :, top:top + size, left:left + size]
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255.0)
     x = (x - cfg.mean) / cfg.std
     if train:
         if cfg.hflip_prob > 0 and float(torch.rand((), generator=gen)) < cfg.hflip_prob:
@@ -507,7 +597,7 @@ class AVSpeechDataset(Dataset):
                 "targets": torch.tensor(ids, dtype=torch.long)}
         gen = self._generator(index)
         if self.video_cfg is not None:
-            frames = _load_frames(rec, self.video_cfg.backend)
+            frames = _load_frames(rec, self.video_cfg.backend, self.video_cfg.resize)
             item["video"] = preprocess_video(frames, self.video_cfg, self.train, gen, rec.id)
         if self.audio_cfg is not None:
             wav = load_audio(rec.audio, self.audio_cfg.sample_rate, rec.id, max_expansion=self.audio_cfg.max_expansion)
