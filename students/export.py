@@ -3,6 +3,10 @@
 The folder holds `open_clip_config.json` (`{"model_cfg": ..., "preprocess_cfg": ...}`) and
 `open_clip_model.safetensors`. It is written into a temporary sibling folder, checked by loading it back with
 open_clip, and only then renamed into place, so a crash never leaves a half-written export.
+
+What is exported is the student's native open_clip model, its trained `logit_scale` included: the model the
+same-space losses trained and evaluation scored. Alignment-space projections into the teacher's width (`space.*` in
+a run's checkpoint) served only teacher-comparing losses and are left out.
 """
 
 from __future__ import annotations

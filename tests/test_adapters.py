@@ -23,10 +23,15 @@ def test_projection_shapes_with_differing_widths(tiny_clip):
     assert isinstance(t_img.projection, torch.nn.Identity)  # same width → identity by default
     b = batch()
     for adapter in (t_img, t_txt, s_img, s_txt):
-        assert adapter(b).pooled.shape == (3, 48)
-        assert adapter.encode(b).pooled.shape == (3, adapter.width)
+        out = adapter(b)
+        assert out.view("projected").pooled.shape == (3, 48)
+        assert out.pooled.shape == out.view("native").pooled.shape == (3, adapter.width)
+        torch.testing.assert_close(out.pooled, adapter.encode(b).pooled)
+    assert t_img(b).projected is None  # identity: both views are the native features
     out = space.encode("student", b)
-    assert set(out) == {"image", "text"} and out["text"].pooled.shape == (3, 48)
+    assert set(out) == {"image", "text"} and out["text"].pooled.shape == (3, 24)
+    assert out["text"].projected.pooled.shape == (3, 48)
+    torch.testing.assert_close(out["image"].projected.pooled, s_img.projection(out["image"].pooled))
 
 
 def test_frozen_teacher_has_no_grad_and_stays_eval(tiny_clip):
@@ -42,7 +47,7 @@ def test_frozen_teacher_has_no_grad_and_stays_eval(tiny_clip):
 def test_student_gradients_flow_through_projection(tiny_clip):
     space = AlignmentSpace(dim=16)
     s = space.attach("student", ImageAdapter(tiny_clip(embed_dim=32)))
-    s(batch()).pooled.sum().backward()
+    s(batch()).view("projected").pooled.sum().backward()
     assert s.projection.weight.grad is not None
     assert s.encoder.visual.conv1.weight.grad is not None
 

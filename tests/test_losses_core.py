@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from xmodal.config import LossSpec
 from xmodal.errors import ConfigError
@@ -176,3 +177,34 @@ def test_fixed_scale_is_log_parametrised():
     loss = LOSSES.build("affinity", scale=50.0)
     assert loss.scale().item() == pytest.approx(50.0)
     assert loss.scale.log_scale.item() == pytest.approx(math.log(50.0))
+
+
+# ---------------------------------------------------------------- native and projected views
+
+
+def test_loss_set_hands_each_loss_its_view_and_checks_declared_inputs():
+    torch.manual_seed(3)
+    native = {m: torch.randn(4, 8, requires_grad=True) for m in ("image", "text")}
+    proj = nn.Linear(8, 12)
+    s = {m: feats(v, projected=feats(proj(v))) for m, v in native.items()}
+    t = {m: feats(torch.randn(4, 12)) for m in ("image", "text")}
+    ls = build_losses([{"name": "affinity"}, {"name": "fd"}])
+    seen = {}
+    for loss in ls.losses:
+        loss.register_forward_hook(lambda m, args, out: seen.__setitem__(m.name, args[0]))
+    ls(s, t).loss.backward()
+    assert seen["affinity"]["image"].pooled is native["image"] and seen["affinity"]["image"].projected is None
+    assert seen["fd"]["image"].pooled is s["image"].projected.pooled
+    assert proj.weight.grad is not None  # fd trains the projection; affinity compared native features
+    # calling a loss directly hands it the same view as the set does
+    assert LOSSES.build("fd")(s, t).loss.item() == pytest.approx(LOSSES.build("fd")(
+        {m: f.projected for m, f in s.items()}, t).loss.item())
+
+    produces = {"image": ["pooled"], "text": ["pooled"]}
+    ls.check_inputs(produces, produces)
+    with pytest.raises(ConfigError, match=r"'js' \(label 'soft'\) needs student image\.logits, teacher image\.logits"):
+        build_losses([{"name": "js", "label": "soft"}]).check_inputs(produces, produces)
+    with pytest.raises(ConfigError, match=r"'feature_mse' needs student text\.tokens, teacher text\.tokens"):
+        build_losses([{"name": "feature_mse", "params": {"modalities": ["text"], "level": "tokens"}}]).check_inputs(
+            produces, produces)
+    build_losses([{"name": "js", "weight": 0.0}, {"name": "clip"}]).check_inputs(produces, None)  # weight 0: unused

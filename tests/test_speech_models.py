@@ -169,7 +169,7 @@ def test_audio_adapter_features_and_context_reuse():
              "targets": torch.tensor([[5, 6, 7], [8, -1, -1]])}
     out = space.encode("teacher", batch)
     assert len(calls) == 1  # the context adapter reused the encoder pass
-    f, c = out["audio"], out["audio_context"]
+    f, c = out["audio"].view("projected"), out["audio_context"].view("projected")
     assert f.tokens.shape == (2, 4, 24) and f.pooled.shape == (2, 24) and f.logits.shape == (2, 4, 30)
     assert f.mask.sum(1).tolist() == [4, 2]
     assert c.tokens.shape == (2, 4, 24) and c.mask.sum(1).tolist() == [4, 2] and c.logits.shape == (2, 4, 30)

@@ -1,4 +1,8 @@
-"""The alignment space: one shared width, a projection per (role, modality) from each encoder's width."""
+"""The alignment space: one shared width, a projection per (role, modality) from each encoder's width.
+
+Projections serve only the losses that compare a model's features with the other model's directly (FD, ICL,
+LIBS): they see the projected view. Everything else (evaluation, export, same-space losses) uses native features.
+"""
 
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ def mlp_projection(in_dim: int, out_dim: int) -> nn.Module:
 
 
 class AlignmentSpace(nn.Module):
-    """Named projections into one space of width `dim`, so losses never see architecture widths."""
+    """Named projections into one space of width `dim`, so teacher-comparing losses never see architecture widths."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -66,6 +70,7 @@ class AlignmentSpace(nn.Module):
         return adapter
 
     def project(self, role: str, modality: str, features: Features) -> Features:
+        """The projected view of native `features` of (role, modality)."""
         key = self.key(role, modality)
         if key not in self.projections:
             have = ", ".join(k.replace("__", ".") for k in self.projections) or "none"
@@ -73,7 +78,8 @@ class AlignmentSpace(nn.Module):
         return project_features(self.projections[key], features)
 
     def encode(self, role: str, batch: Mapping[str, Any]) -> dict[str, Features]:
-        """Run every adapter attached for `role` on the batch; returns aligned Features by modality."""
+        """Run every adapter attached for `role` on the batch: native Features by modality, each carrying its
+        projected view when its projection is not the identity."""
         out = {}
         for key, adapter in self.adapters.items():
             r, modality = key.split("__", 1)

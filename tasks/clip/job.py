@@ -30,7 +30,7 @@ from xmodal.fingerprint import hash_json
 from xmodal.io import atomic_write_json
 from xmodal.tasks.clip.config import AutoInheritConfig, ClipDistillConfig, DataConfig, TeacherConfig
 from xmodal.tasks.clip.data import PairedViews, View, collate_skipping, same_pipeline
-from xmodal.tasks.clip.models import ClipStudent, ClipTeacher
+from xmodal.tasks.clip.models import ClipStudent, ClipTeacher, check_losses
 
 log = logging.getLogger(__name__)
 
@@ -383,6 +383,7 @@ def run(cfg: ClipDistillConfig) -> dict:
     from xmodal.engine.checkpoint import CheckpointManager
     from xmodal.students.clip import describe_model_cfg
 
+    check_losses(cfg.losses)  # a loss needing what CLIP models lack fails now, not after teacher training
     device = init_distributed(cfg.train.device)  # this process's device (cuda:LOCAL_RANK under torchrun)
     seed_everything(cfg.train.seed)
     run_dir = Path(cfg.run_dir)

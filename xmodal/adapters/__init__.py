@@ -1,6 +1,6 @@
 """Modality adapters and their registry."""
 
-from xmodal.adapters.base import ADAPTERS, MODALITIES, ModalityAdapter, project_features
+from xmodal.adapters.base import ADAPTERS, MODALITIES, ModalityAdapter, project_features, with_projection
 from xmodal.adapters.clip import ImageAdapter, TextAdapter, clip_embed_dim
 from xmodal.adapters.speech import AudioAdapter, AudioContextAdapter, VideoAdapter, VideoContextAdapter
 
@@ -16,4 +16,5 @@ __all__ = [
     "TextAdapter",
     "clip_embed_dim",
     "project_features",
+    "with_projection",
 ]

@@ -17,7 +17,11 @@ ADAPTERS: Registry[type[ModalityAdapter]] = Registry("adapter")
 
 
 class ModalityAdapter(nn.Module):
-    """Base adapter: `encode` gives native-width Features; `forward` adds the alignment-space projection.
+    """Base adapter: `encode` gives native-width Features; `forward` gives them carrying their projected view.
+
+    The native features are what the model is evaluated on and exported as; the projected view (into the
+    alignment space, attached only when the projection is not the identity) is for losses that compare
+    against the teacher's features directly.
 
     `frozen=True` marks a teacher: eval mode, no gradients, and encoding under torch.inference_mode().
     `batch_key` reads another batch entry (e.g. "teacher_image" when teacher and student preprocess differently).
@@ -66,14 +70,21 @@ class ModalityAdapter(nn.Module):
             feats = feats.map(lambda t: t.clone())  # leave inference mode: usable as loss targets
         else:
             feats = self.encode(batch)
-        return project_features(self.projection, feats)
+        return with_projection(self.projection, feats)
 
 
 def project_features(projection: nn.Module, feats: Features) -> Features:
     """Apply a projection to pooled and to same-width tokens; mask and logits pass through."""
     if isinstance(projection, nn.Identity):
-        return feats
+        return feats.view("native")
     tokens = feats.tokens
     if tokens is not None and tokens.shape[-1] == feats.pooled.shape[-1]:
         tokens = projection(tokens)
     return Features(pooled=projection(feats.pooled), tokens=tokens, mask=feats.mask, logits=feats.logits)
+
+
+def with_projection(projection: nn.Module, feats: Features) -> Features:
+    """Native `feats` carrying their projected view (none for an identity projection: both views coincide)."""
+    if isinstance(projection, nn.Identity):
+        return feats
+    return feats.replace(projected=project_features(projection, feats))

@@ -1,7 +1,7 @@
-"""CLIP-KD losses: feature distillation (FD) and interactive contrastive learning (ICL) on aligned features.
+"""CLIP-KD losses: feature distillation (FD) and interactive contrastive learning (ICL) on projected features.
 
-The projector P of the paper is the student's projection into the alignment space, so both losses see
-`P·s` directly as the student's aligned Features.
+The projector P of the paper is the student's projection into the alignment space: both losses compare the
+student's projected view `P·s` with the teacher's features (`view = "projected"`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from xmodal.losses.base import DistillLoss, LossOutput, Outputs, register_loss
+from xmodal.features import PROJECTED
+from xmodal.losses.base import DistillLoss, LossOutput, Need, Outputs, register_loss
 from xmodal.losses.contrastive import LogitScale, pair_embeddings
 from xmodal.losses.feature import FeatureMSE
 
@@ -32,10 +33,15 @@ class InteractiveContrastiveLoss(DistillLoss):
     Features are gathered over ranks (student with gradient, teacher without).
     """
 
+    view = PROJECTED
+
     def __init__(self, a: str = "image", b: str = "text", scale: float = 1 / 0.07, learn_scale: bool = True):
         super().__init__()
         self.a, self.b = a, b
         self.scale = LogitScale(scale, learn_scale)
+
+    def needs(self) -> list[Need]:
+        return [Need(role, m) for role in ("student", "teacher") for m in (self.a, self.b)]
 
     def forward(self, student: Outputs, teacher: Outputs | None = None, batch: Mapping | None = None) -> LossOutput:
         sa, sb = pair_embeddings(self, student, self.a, self.b, "student", grad=True)

@@ -10,13 +10,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xmodal.distributed import gather_no_grad, gather_with_grad
-from xmodal.losses.base import DistillLoss, LossOutput, Outputs, register_loss, soft_cross_entropy
+from xmodal.errors import ConfigError
+from xmodal.losses.base import DistillLoss, LossOutput, Need, Outputs, register_loss, soft_cross_entropy
+
+DEFAULT_SCALE = 1 / 0.07  # CLIP's initial inverse temperature
+MAX_SCALE = 100.0  # open_clip clamps the learned logit scale here
 
 
 class LogitScale(nn.Module):
     """τ stored as ln τ; learnable or fixed, clamped to `max_scale` like open_clip."""
 
-    def __init__(self, init: float, learn: bool, max_scale: float = 100.0):
+    def __init__(self, init: float, learn: bool, max_scale: float = MAX_SCALE):
         super().__init__()
         value = torch.tensor(math.log(init), dtype=torch.float32)
         if learn:
@@ -39,25 +43,52 @@ def pair_embeddings(loss: DistillLoss, outputs: Outputs, a: str, b: str, role: s
 
 @register_loss("clip")
 class ClipLoss(DistillLoss):
-    """Symmetric InfoNCE: ½[CE(τ·a·bᵀ, diag) + CE(τ·b·aᵀ, diag)] on the student's own outputs."""
+    """Symmetric InfoNCE: ½[CE(τ·a·bᵀ, diag) + CE(τ·b·aᵀ, diag)] on the student's own (native) outputs.
 
-    def __init__(self, a: str = "image", b: str = "text", scale: float = 1 / 0.07, learn_scale: bool = True):
+    τ is the student's own logit scale when its Features carry one (open_clip models do: it trains with the
+    model and export ships it), clamped at 100 like open_clip; `learn_scale: false` keeps it fixed. A student
+    without one uses the loss's own τ, initialised at `scale` (1/0.07 by default).
+    """
+
+    def __init__(self, a: str = "image", b: str = "text", scale: float | None = None, learn_scale: bool = True):
         super().__init__()
         self.a, self.b = a, b
-        self.scale = LogitScale(scale, learn_scale)
+        self.explicit_scale = scale is not None
+        self.learn_scale = learn_scale
+        self.scale = LogitScale(DEFAULT_SCALE if scale is None else scale, learn_scale)
+
+    def needs(self) -> list[Need]:
+        return [Need("student", self.a), Need("student", self.b)]
+
+    def tau(self, student: Outputs) -> Tensor:
+        """The inverse temperature to use: the student's own when it has one, else the loss's."""
+        own = self.pick(student, self.a, "student").logit_scale
+        if own is None:
+            return self.scale()
+        if self.explicit_scale:
+            raise ConfigError(
+                f"loss '{self.name}': 'scale' gives the loss a temperature of its own, but the student has its own "
+                "logit_scale (trained with it and exported with it); drop 'scale' (an open_clip model_cfg sets the "
+                "start value with 'init_logit_scale'), and add learn_scale: false to keep it fixed"
+            )
+        own = own.float().reshape(())
+        return (own if self.learn_scale else own.detach()).clamp(max=MAX_SCALE)
 
     def forward(self, student: Outputs, teacher: Outputs | None = None, batch: Mapping | None = None) -> LossOutput:
         za, zb = pair_embeddings(self, student, self.a, self.b, "student", grad=True)
-        logits = self.scale() * za @ zb.t()
+        tau = self.tau(student)
+        logits = tau * za @ zb.t()
         labels = torch.arange(logits.shape[0], device=logits.device)
         l_ab = F.cross_entropy(logits, labels)
         l_ba = F.cross_entropy(logits.t(), labels)
-        return LossOutput(0.5 * (l_ab + l_ba), {"a2b": l_ab, "b2a": l_ba, "scale": self.scale().detach()})
+        return LossOutput(0.5 * (l_ab + l_ba), {"a2b": l_ab, "b2a": l_ba, "scale": tau.detach()})
 
 
 @register_loss("affinity")
 class AffinityMimickingLoss(DistillLoss):
     """TinyCLIP affinity mimicking: the student's image↔text affinities match the teacher's (soft CE).
+
+    Compares similarity matrices, so each model's native features are used whatever their widths.
 
     `A = τ·norm(s_a)·norm(s_b)ᵀ`, teacher `Â` with its own features and scale;
     `L = ½[CE(A, softmax(Â)) + CE(Aᵀ, softmax(Âᵀ))]`. Widths of teacher and student may differ.
@@ -75,6 +106,9 @@ class AffinityMimickingLoss(DistillLoss):
         self.a, self.b = a, b
         self.scale = LogitScale(scale, learn_scale)
         self.register_buffer("teacher_scale", torch.tensor(float(teacher_scale or scale)))
+
+    def needs(self) -> list[Need]:
+        return [Need(role, m) for role in ("student", "teacher") for m in (self.a, self.b)]
 
     def forward(self, student: Outputs, teacher: Outputs | None = None, batch: Mapping | None = None) -> LossOutput:
         sa, sb = pair_embeddings(self, student, self.a, self.b, "student", grad=True)

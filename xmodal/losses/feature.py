@@ -1,4 +1,8 @@
-"""Feature distillation on aligned features: MSE (CLIP-KD FD when normalised) and cosine distance."""
+"""Feature distillation on projected features: MSE (CLIP-KD FD when normalised) and cosine distance.
+
+Student and teacher features are compared element by element, so these losses see the student's projected
+view (into the teacher's width).
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from xmodal.features import Features
-from xmodal.losses.base import DistillLoss, LossOutput, Outputs, register_loss, sample_weighted_mean
+from xmodal.errors import ConfigError
+from xmodal.features import PROJECTED, Features
+from xmodal.losses.base import DistillLoss, LossOutput, Need, Outputs, register_loss, sample_weighted_mean
 
 
 class _FeatureLoss(DistillLoss):
-    """Sum over modalities of a per-sample distance between aligned student and teacher features."""
+    """Sum over modalities of a per-sample distance between projected student and teacher features."""
+
+    view = PROJECTED
 
     def __init__(
         self,
@@ -29,6 +36,9 @@ class _FeatureLoss(DistillLoss):
         self.level = level
         self.normalize = normalize
 
+    def needs(self) -> list[Need]:
+        return [Need(role, m, self.level) for role in ("student", "teacher") for m in self.modalities]
+
     def distance(self, s: Tensor, t: Tensor) -> Tensor:
         """Per-vector distance over the last dim."""
         raise NotImplementedError
@@ -38,7 +48,10 @@ class _FeatureLoss(DistillLoss):
             s, t = fs.pooled.float(), ft.pooled.detach().float()
         else:
             if fs.tokens is None or ft.tokens is None:
-                raise ValueError(f"loss '{self.name}' with level=tokens needs token features for '{modality}'")
+                raise ConfigError(
+                    f"loss '{self.name}' with level=tokens needs token features for '{modality}' from both models, "
+                    f"but the student's hold {fs.describe()} and the teacher's {ft.describe()}"
+                )
             s, t = fs.tokens.float(), ft.tokens.detach().float()
         if s.shape != t.shape:
             raise ValueError(

@@ -150,6 +150,8 @@ class TeacherFilter:
 class _LibsLoss(DistillLoss):
     """Shared plumbing: optional teacher filtering, then per-sample distances averaged with sample weights."""
 
+    view = "projected"  # compares student states with the teacher's: the student's projection P(·)
+
     def __init__(
         self,
         student_modality: str = "video",

@@ -8,7 +8,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from xmodal.losses.base import DistillLoss, LossOutput, Outputs, register_loss, sample_weighted_mean
+from xmodal.errors import ConfigError
+from xmodal.losses.base import DistillLoss, LossOutput, Need, Outputs, register_loss, sample_weighted_mean
 
 
 def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -27,13 +28,14 @@ class _LogitLoss(DistillLoss):
     def divergence(self, log_p_t: Tensor, log_p_s: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def needs(self) -> list[Need]:
+        return [Need("student", self.modality, "logits"), Need("teacher", self.modality, "logits")]
+
     def forward(self, student: Outputs, teacher: Outputs | None = None, batch: Mapping | None = None) -> LossOutput:
-        fs = self.pick(student, self.modality, "student")
-        ft = self.pick(teacher, self.modality, "teacher")
-        if fs.logits is None or ft.logits is None:
-            raise ValueError(f"loss '{self.name}' needs logits from both models for '{self.modality}'")
+        fs = self.pick_field(student, self.modality, "student", "logits")
+        ft = self.pick_field(teacher, self.modality, "teacher", "logits")
         if fs.logits.shape != ft.logits.shape:
-            raise ValueError(
+            raise ConfigError(
                 f"loss '{self.name}': student logits {list(fs.logits.shape)} and teacher logits "
                 f"{list(ft.logits.shape)} differ in shape"
             )
