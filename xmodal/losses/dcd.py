@@ -6,23 +6,22 @@ highest), scores are `z = τ·norm(q)·norm(d)ᵀ` for each model and
 `L_i = T²·KL(softmax(z_T,i / T) ‖ softmax(z_S,i / T))`,
 `w_i = 1 − H(softmax(z_T,i / T)) / log(k + 1)` (normalised entropy: a confident teacher counts more),
 `L = Σ w_i·L_i / Σ w_i`. Candidates are the (globally gathered) in-batch documents plus optional extra
-negatives in `batch["negatives"]` = {"student": [M, D_s] or [B, M, D_s], "teacher": [M, D_t] or [B, M, D_t]},
-e.g. mined by `HardNegativeMiner` from a faiss index over the teacher cache.
+negatives in `batch["negatives"]` = {"student": [M, D_s] or [B, M, D_s], "teacher": [M, D_t] or [B, M, D_t]}
+that a data pipeline may add. Each model scores with its own native features, so widths may differ.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from xmodal.distributed import gather_no_grad, gather_with_grad, is_distributed, rank
-from xmodal.errors import ConfigError, DataError
-from xmodal.losses.base import DistillLoss, LossOutput, Outputs, register_loss
+from xmodal.errors import ConfigError
+from xmodal.losses.base import DistillLoss, LossOutput, Need, Outputs, register_loss
 
 WEIGHTINGS = ("entropy", "none")
 
@@ -66,6 +65,9 @@ class DCDLoss(DistillLoss):
         self.scale = float(scale)
         self.teacher_scale = float(teacher_scale if teacher_scale is not None else scale)
         self.weighting = weighting
+
+    def needs(self) -> list[Need]:
+        return [Need(role, m) for role in ("student", "teacher") for m in (self.query, self.doc)]
 
     def candidate_scores(
         self, student: Outputs, teacher: Outputs, batch: Mapping | None
@@ -137,76 +139,3 @@ class DCDLoss(DistillLoss):
             weight = weight * sample_weight.to(weight)
         loss = (weight * kl).sum() / weight.sum().clamp_min(1e-12)
         return LossOutput(loss, {"kl": kl.mean().detach(), "weight": weight.mean().detach()})
-
-
-class HardNegativeMiner:
-    """Teacher-ranked hard negatives from a faiss index over the teacher cache's document embeddings.
-
-    `mine(teacher_queries, k, positives)` returns the ids [B, k] of the k documents the teacher scores
-    highest for each query, leaving out its positives; `teacher_embeddings(ids)` fetches their cached rows
-    for `batch["negatives"]["teacher"]`.
-    """
-
-    def __init__(self, doc_embeddings, *, normalize: bool = True, index: str = "flat", hnsw_m: int = 32,
-                 ef_search: int = 128):
-        import faiss
-
-        docs = doc_embeddings.detach().cpu().numpy() if isinstance(doc_embeddings, Tensor) else doc_embeddings
-        if getattr(docs, "ndim", 0) != 2 or docs.shape[0] == 0:
-            raise DataError(f"hard-negative miner needs a non-empty [N, D] matrix, got shape {list(docs.shape)}")
-        self.docs = docs
-        self.normalize = normalize
-        dim = int(docs.shape[1])
-        if index == "flat":
-            self.index = faiss.IndexFlatIP(dim)
-        elif index == "hnsw":
-            self.index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-            self.index.hnsw.efSearch = ef_search
-        else:
-            raise ConfigError(f"hard-negative miner index must be 'flat' or 'hnsw', got '{index}'")
-        for start in range(0, docs.shape[0], 65536):
-            self.index.add(self._prepare(docs[start : start + 65536], "document"))
-
-    def _prepare(self, x, what: str) -> np.ndarray:
-        x = torch.as_tensor(np.asarray(x, dtype=np.float32) if not isinstance(x, Tensor) else x.detach().float())
-        x = x.cpu()
-        if not torch.isfinite(x).all():
-            bad = int(torch.nonzero(~torch.isfinite(x).all(dim=1))[0, 0])
-            raise DataError(f"hard-negative miner: {what} row {bad} holds NaN or infinite values")
-        if self.normalize:
-            x = F.normalize(x, dim=1)
-        return np.ascontiguousarray(x.numpy())
-
-    def __len__(self) -> int:
-        return int(self.index.ntotal)
-
-    def mine(self, teacher_queries, k: int, positives: Sequence | Tensor | None = None) -> Tensor:
-        """Ids [B, k] of each query's k highest-scoring documents that are not among its positives."""
-        q = self._prepare(teacher_queries, "query")
-        if q.shape[1] != self.index.d:
-            raise DataError(f"hard-negative miner: queries have dim {q.shape[1]}, the index holds dim {self.index.d}")
-        if positives is None:
-            pos = [set() for _ in range(len(q))]
-        elif isinstance(positives, Tensor) and positives.dim() == 1:
-            pos = [{int(p)} for p in positives.tolist()]
-        else:
-            pos = [set(np.atleast_1d(np.asarray(p)).tolist()) for p in positives]
-        if len(pos) != len(q):
-            raise ValueError(f"hard-negative miner: {len(q)} queries but {len(pos)} positive sets")
-        width = k + max((len(p) for p in pos), default=0)
-        if width > len(self):
-            raise ConfigError(f"hard-negative miner: asked for {k} negatives but the index holds {len(self)} documents")
-        _, ids = self.index.search(q, width)
-        out = np.empty((len(q), k), dtype=np.int64)
-        for i, (row, p) in enumerate(zip(ids, pos)):
-            kept = [j for j in row.tolist() if j >= 0 and j not in p][:k]
-            if len(kept) < k:
-                raise ConfigError(f"hard-negative miner: only {len(kept)} negatives found for query {i}, wanted {k}")
-            out[i] = kept
-        return torch.from_numpy(out)
-
-    def teacher_embeddings(self, ids: Tensor) -> Tensor:
-        """Cached teacher rows for `ids` (any shape) as fp32, e.g. [B, k, D] for batch["negatives"]["teacher"]."""
-        flat = ids.reshape(-1).cpu().numpy()
-        rows = np.asarray(self.docs[flat], dtype=np.float32)
-        return torch.from_numpy(rows).view(*ids.shape, -1)
