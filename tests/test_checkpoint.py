@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import runpy
@@ -55,10 +56,10 @@ SETUP = textwrap.dedent('''
         def forward(self, batch):
             return {"image": Features(self.image(batch["image"])), "text": Features(self.text(batch["text"]))}
 
-    def config(steps=40, ckpt_every=1, keep_last=2, lr=0.01):
-        return {"job": "test", "train": dict(steps=steps, batch_size=8, lr=lr, warmup_steps=3, grad_accum=2,
-                                             ckpt_every=ckpt_every, keep_last=keep_last, log_every=1,
-                                             device="cpu", seed=7)}
+    def config(steps=40, ckpt_every=1, keep_last=2, lr=0.01, **train):
+        return {"job": "test", "train": dict(dict(steps=steps, batch_size=8, lr=lr, warmup_steps=3, grad_accum=2,
+                                                  ckpt_every=ckpt_every, keep_last=keep_last, log_every=1,
+                                                  device="cpu", seed=7), **train)}
 
     def make(run_dir, resume=None, fingerprint="teacher-a", loader=False, **kw):
         cfg = config(**kw)
@@ -106,8 +107,9 @@ def test_crash_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     real_save = torch.save
 
     def dying_save(obj, f, *args, **kwargs):
-        real_save(obj, f, *args, **kwargs)
-        f.truncate(f.tell() // 2)  # half the bytes are out when the "crash" hits
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        f.write(buffer.getvalue()[: buffer.tell() // 2])  # half the bytes are out when the "crash" hits
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", dying_save)
@@ -205,10 +207,17 @@ def test_interrupt_saves_last_completed_step_and_resume_is_exact(tmp_path, setup
     assert_same(full_state(resumed), full_state(straight))
 
 
-def test_resume_latest_without_checkpoints_starts_fresh(tmp_path, setup):
+def test_resume_latest_without_checkpoints_is_an_error_auto_starts_fresh(tmp_path, setup):
     _, ns = setup
-    d = ns["make"](tmp_path, resume="latest", steps=2)
-    assert d.fit()["step"] == 2
+    with pytest.raises(CheckpointError, match="nothing to resume in") as info:
+        ns["make"](tmp_path / "a", resume="latest", steps=2).fit()
+    assert str(tmp_path / "a") in str(info.value) and "leave out --resume" in str(info.value)
+    assert not CheckpointManager(tmp_path / "a" / "checkpoints").steps()
+
+    assert ns["make"](tmp_path / "b", resume="auto", steps=2).fit()["step"] == 2  # nothing there: a new run
+    again = ns["make"](tmp_path / "b", resume="auto", steps=3)
+    assert again.fit()["step"] == 3 and again.saved_step == 3  # something there: it continues
+    assert [r["step"] for r in read_metrics(tmp_path / "b") if "loss" in r] == [1, 2, 3]
 
 
 # ---------------------------------------------------------------- refusing the wrong resume
@@ -226,9 +235,28 @@ def test_incompatible_config_names_the_differences(tmp_path, setup):
     _, ns = setup
     ns["make"](tmp_path, steps=2).fit()
     with pytest.raises(CheckpointError) as info:
-        ns["make"](tmp_path, resume="latest", steps=4, lr=0.02).fit()
-    assert "train.lr: 0.01 → 0.02" in str(info.value)
-    assert "steps" not in str(info.value)  # extending a run is allowed
+        ns["make"](tmp_path, resume="latest", steps=4, lr=0.02, seed=8).fit()
+    assert "train.seed: 7 → 8" in str(info.value)
+    assert "steps" not in str(info.value) and "train.lr" not in str(info.value)  # these may change
+
+
+def test_resume_may_change_lr_warmup_clip_and_precision(tmp_path, setup, caplog):
+    """The advice after a non-finite loss (lower train.lr, then resume) can be followed, and takes effect."""
+    _, ns = setup
+    ns["make"](tmp_path, steps=4, ckpt_every=0, clip_grad_norm=1.0, precision="auto").fit(until=2)
+    changed = dict(lr=0.001, warmup_steps=5, clip_grad_norm=0.5, precision="fp32")
+    with caplog.at_level("WARNING", logger="xmodal"):
+        d = ns["make"](tmp_path, resume="latest", steps=4, ckpt_every=0, **changed)
+        d.fit(until=3)
+    warned = " ".join(r.getMessage() for r in caplog.records if "changed training settings" in r.getMessage())
+    for line in ("train.lr: 0.01 → 0.001", "train.warmup_steps: 3 → 5", "train.clip_grad_norm: 1.0 → 0.5",
+                 'train.precision: "auto" → "fp32"'):
+        assert line in warned
+    from xmodal.engine import WarmupCosine
+
+    lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path) if "lr" in r}
+    assert lrs[3] == pytest.approx(0.001 * WarmupCosine(4, 5)(2))  # the new rate and warmup, from the resumed step
+    assert d.optimizer.param_groups[0]["lr"] == pytest.approx(0.001 * WarmupCosine(4, 5)(3))
 
 
 def test_config_differences_rules():
@@ -252,8 +280,14 @@ def test_load_refuses_corrupt_truncated_and_unsafe_files(tmp_path):
     unsafe = tmp_path / "unsafe.pt"
     torch.save({"model": {}, "step": 1, "payload": CheckpointManager(tmp_path)}, unsafe)  # arbitrary object
     for path in (truncated, garbage, unsafe):
-        with pytest.raises(CheckpointError, match=path.name):
+        with pytest.raises(CheckpointError, match=path.name) as info:
             load_checkpoint(path)
+        # never torch's advice to load it unsafely, neither in the message nor in the chained traceback
+        assert "weights_only" not in str(info.value) and "likely succeed" not in str(info.value)
+        assert info.value.__cause__ is None and info.value.__suppress_context__
+    with pytest.raises(CheckpointError, match="is not a safe checkpoint: it holds a Python object of type "
+                                              "xmodal.engine.checkpoint.CheckpointManager"):
+        load_checkpoint(unsafe)
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")
 
@@ -281,3 +315,47 @@ def test_rng_state_round_trips_through_weights_only(tmp_path):
     restore_rng(load_checkpoint(tmp_path / "rng.pt")["rng"])
     got = (random.random(), np.random.rand(), torch.rand(3))
     assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+# ---------------------------------------------------------------- checksums
+
+
+def test_every_single_byte_flip_is_caught_naming_the_file(tmp_path):
+    state = {"model": {"w": torch.randn(4000), "b": torch.zeros(8)}, "step": 3, "rng": capture_rng()}
+    good = save_checkpoint(state, tmp_path / "step_0000003.pt")
+    data = good.read_bytes()
+    assert load_checkpoint(good)["step"] == 3
+    for k in range(1, 6):  # headers, pickled metadata and tensor bytes alike
+        at = len(data) * k // 6
+        flipped = bytearray(data)
+        flipped[at] ^= 0x10
+        path = tmp_path / f"flip{k}.pt"
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(CheckpointError, match=f"{path.name} is damaged: its blake2b checksum"):
+            load_checkpoint(path)
+    (tmp_path / "cut.pt").write_bytes(data[:-1])  # the trailer itself damaged
+    with pytest.raises(CheckpointError, match="cut.pt"):
+        load_checkpoint(tmp_path / "cut.pt")
+
+
+def test_resume_latest_falls_back_to_the_newest_intact_checkpoint(tmp_path, setup, caplog):
+    _, ns = setup
+    kw = dict(steps=6, ckpt_every=1, keep_last=0)
+    straight = ns["make"](tmp_path / "a", **kw)
+    straight.fit()
+
+    ns["make"](tmp_path / "b", **kw).fit(until=4)
+    folder = tmp_path / "b" / "checkpoints"
+    newest = folder / "step_0000004.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # e.g. a copy cut short
+    with pytest.raises(CheckpointError, match="step_0000004.pt"):  # an explicit path never falls back
+        ns["make"](tmp_path / "b", resume=newest, **kw).fit()
+
+    with caplog.at_level("WARNING", logger="xmodal"):
+        resumed = ns["make"](tmp_path / "b", resume="latest", **kw)
+        resumed.fit()
+    warnings = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "step_0000004.pt" in warnings and "resuming from step_0000003.pt" in warnings
+    assert (folder / "step_0000004.pt.damaged").is_file()  # kept for inspection, out of resume's way
+    assert_same(full_state(resumed), full_state(straight))
+    assert CheckpointManager(folder).steps() == [1, 2, 3, 4, 5, 6]

@@ -285,3 +285,27 @@ def test_metrics_jsonl_is_valid_json_lines(tmp_path):
               progress=False).fit()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [2, 4]
+
+
+@pytest.mark.parametrize("clip", [1.0, None])
+def test_non_finite_advice_names_only_what_applies(tmp_path, clip):
+    student = TwoTower(16, seed=2)
+    losses = LossSet([("mse", 1.0, FeatureMSE()), ("boom", 1.0, BreakAt(3))])
+    d = Distiller(student, losses, PairData(), cfg(steps=6, clip_grad_norm=clip, precision="fp32"), tmp_path,
+                  teacher=TwoTower(16, seed=1), progress=False)
+    with pytest.raises(NonFiniteLossError) as info:
+        d.fit()
+    message = str(info.value)
+    assert "lower train.lr (now 0.01)" in message.lower() and "--resume" in message
+    assert ("set train.clip_grad_norm" in message) == (clip is None)  # already set: not suggested
+    assert "precision" not in message.split("resume with")[0]  # fp32 already: not suggested
+
+
+def test_non_finite_at_the_first_step_says_there_is_nothing_to_resume(tmp_path):
+    losses = LossSet([("mse", 1.0, FeatureMSE()), ("boom", 1.0, BreakAt(1))])
+    d = Distiller(TwoTower(16, seed=2), losses, PairData(), cfg(steps=6), tmp_path, teacher=TwoTower(16, seed=1),
+                  progress=False)
+    with pytest.raises(NonFiniteLossError) as info:
+        d.fit()
+    assert info.value.checkpoint is None and "no step was completed" in str(info.value)
+    assert "start the run again" in str(info.value) and not list((tmp_path / "checkpoints").glob("step_*.pt"))

@@ -1,4 +1,8 @@
-"""Atomic file writes: a crash or Ctrl-C never leaves a half-written checkpoint, cache or report."""
+"""Atomic file writes: a crash or Ctrl-C never leaves a half-written checkpoint, cache or report.
+
+Files and folders made here follow the process umask like any other tool (temp files from `mkstemp` and
+`mkdtemp` would otherwise be owner-only).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,35 @@ from typing import IO, Any
 import torch
 
 
+def current_umask() -> int:
+    """The process umask, read from /proc where possible (setting it to read it back races with other threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode `open(path, "w")` would give a new file: 0o666 less the umask."""
+    return 0o666 & ~current_umask()
+
+
+def default_dir_mode() -> int:
+    """The mode `mkdir` would give a new folder: 0o777 less the umask."""
+    return 0o777 & ~current_umask()
+
+
+def make_temp_dir(parent: str | os.PathLike, prefix: str = "", suffix: str = "") -> Path:
+    """A new uniquely named folder in `parent` with the usual permissions (mkdtemp alone makes it 0700)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))
+    os.chmod(path, default_dir_mode())
+    return path
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Write to a temporary file in the target folder, fsync it, then `os.replace` it into place."""
@@ -20,6 +53,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, default_file_mode())  # mkstemp makes it 0600; the finished file follows the umask
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()

@@ -2,14 +2,19 @@
 
 Layout: `run_dir/checkpoints/step_0000100.pt` (one per save, written to a temp file and renamed into place,
 so a kill at any moment leaves every `step_*.pt` complete) plus a `latest` text file naming the newest one.
+
+Each checkpoint ends with an 80-byte trailer holding the blake2b digest of everything before it (torch's zip
+reader ignores bytes after the archive), so a flipped or lost byte is caught on load instead of trained on.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import re
 from collections.abc import Iterable, Mapping
@@ -20,18 +25,28 @@ import numpy as np
 import torch
 
 from xmodal.errors import CheckpointError
-from xmodal.io import atomic_torch_save, atomic_write_text
+from xmodal.io import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: files end with a blake2b trailer
 STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+DIGEST_MAGIC = b"\0xmodal-blake2b:"  # 16 bytes, then the 64 hex digits of a 32-byte blake2b digest
+TRAILER_SIZE = len(DIGEST_MAGIC) + 64
+
+# Training settings a resume may change, e.g. to recover from a non-finite loss: they take effect from the
+# resumed step on and are logged as a warning.
+RESUME_MAY_RETUNE = ("train.lr", "train.warmup_steps", "train.clip_grad_norm", "train.precision")
 
 # Config keys that may change between a run and its resume (matched against the dotted key or its last part).
 RESUME_MAY_CHANGE = (
     "resume", "steps", "log_every", "eval_every", "ckpt_every", "keep_last", "num_workers", "device",
-    "run_dir", "output_dir", "progress",
+    "run_dir", "output_dir", "progress", *RESUME_MAY_RETUNE,
 )
+
+# `resume` values that pick the newest intact checkpoint of the run folder: "latest" requires one, "auto"
+# starts a new run when there is none (for jobs that continue their own interrupted sub-runs).
+RESUME_LATEST, RESUME_AUTO = "latest", "auto"
 
 
 # ---------------------------------------------------------------- RNG state as weights_only-safe data
@@ -77,27 +92,120 @@ def plain_config(config: Any) -> Any:
     return json.loads(json.dumps(to_dict(config), default=str))
 
 
-def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write `state` atomically: the file at `path` is either the old one or the complete new one."""
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", re.DOTALL)
+
+
+def _load_weights_only(path: str | os.PathLike, what: str = "weights file", map_location: Any = "cpu") -> Any:
+    """`torch.load(path, weights_only=True)` with errors that name the file and what is wrong with it.
+
+    A file holding arbitrary Python objects is refused as not a safe weights file; torch's own advice to retry
+    with weights_only=False is not passed on (that would run whatever code the file carries).
+    """
     path = Path(path)
-    atomic_torch_save(dict(state), path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        found = _UNSAFE_GLOBAL.search(text)
+        if found:
+            raise CheckpointError(
+                f"{path} is not a safe {what}: it holds a Python object of type {found.group(1)}, which only "
+                "unrestricted unpickling could rebuild, and xmodal loads tensors and plain data only. Use a file "
+                "written by xmodal, or re-save the tensors alone (e.g. the model's state_dict) from code you trust"
+            ) from None
+        detail = _UNPICKLER_ERROR.search(text)
+        reason = detail.group(1).splitlines()[0] if detail else type(e).__name__
+        raise CheckpointError(
+            f"cannot read {what} {path}: {reason} (the file is corrupt, truncated, not a torch file, or not a "
+            "safe weights file)"
+        ) from None
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(
+            f"cannot read {what} {path}: {type(e).__name__}: {first} (the file is corrupt, truncated or not a torch "
+            "file)"
+        ) from None
+
+
+class _Digesting:
+    """A write-only file wrapper that hashes what passes through it (torch.save only calls write)."""
+
+    def __init__(self, f):
+        self.f, self.hash = f, hashlib.blake2b(digest_size=32)
+
+    def write(self, data) -> int:
+        self.hash.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write `state` atomically with a checksum trailer: the file at `path` is the old one or the complete new one."""
+    path = Path(path)
+    state = {"format": CHECKPOINT_FORMAT, **state}
+    with atomic_write(path, "wb") as f:
+        out = _Digesting(f)
+        torch.save(state, out)
+        f.write(DIGEST_MAGIC + out.hash.hexdigest().encode("ascii"))
     return path
 
 
+def read_digest(path: str | os.PathLike) -> tuple[str | None, str]:
+    """(stored digest or None when the file has no trailer, digest of the bytes before the trailer)."""
+    path = Path(path)
+    size = path.stat().st_size
+    stored = None
+    with open(path, "rb") as f:
+        if size >= TRAILER_SIZE:
+            f.seek(size - TRAILER_SIZE)
+            tail = f.read(TRAILER_SIZE)
+            if tail.startswith(DIGEST_MAGIC):
+                stored = tail[len(DIGEST_MAGIC):].decode("ascii", errors="replace")
+        f.seek(0)
+        h = hashlib.blake2b(digest_size=32)
+        left = size - TRAILER_SIZE if stored is not None else size
+        while left > 0:
+            chunk = f.read(min(left, 1 << 22))
+            if not chunk:
+                break
+            h.update(chunk)
+            left -= len(chunk)
+    return stored, h.hexdigest()
+
+
+def verify_checkpoint(path: str | os.PathLike) -> bool:
+    """Check the blake2b trailer; True when verified, False for a file without one (older xmodal, checked later).
+
+    Raises CheckpointError naming the file when the digest does not match (a flipped, lost or added byte).
+    """
+    path = Path(path)
+    stored, actual = read_digest(path)
+    if stored is None:
+        return False
+    if stored != actual:
+        raise CheckpointError(
+            f"checkpoint {path} is damaged: its blake2b checksum does not match its content (a byte changed or "
+            "went missing after it was written). Resume from an earlier checkpoint of the run"
+        )
+    return True
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with `weights_only=True`; a missing, corrupt or unsafe file names the path."""
+    """Verify the checksum and load with `weights_only=True`; a missing, damaged or unsafe file names the path."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises several types for truncated/unsafe pickles
-        raise CheckpointError(
-            f"cannot load checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-            "(the file is corrupt, truncated, or holds objects that weights_only loading refuses)"
-        ) from e
+    verified = verify_checkpoint(path)
+    state = _load_weights_only(path, "checkpoint", map_location)
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise CheckpointError(f"{path} is not an xmodal training checkpoint (needs 'model' and 'step' entries)")
+    if not verified:
+        if int(state.get("format", 1)) >= 2:
+            raise CheckpointError(f"checkpoint {path} is damaged: its checksum trailer is missing or unreadable")
+        log.warning("%s has no checksum (written by an older xmodal); it loaded, but damage cannot be ruled out", path)
     return state
 
 
@@ -145,8 +253,8 @@ class CheckpointManager:
                 p.unlink(missing_ok=True)
 
     def resolve(self, resume: str | os.PathLike) -> Path | None:
-        """`latest` → newest checkpoint here (None if there is none yet); anything else is a path."""
-        if str(resume) == "latest":
+        """`latest`/`auto` → newest checkpoint here (None if there is none yet); anything else is a path."""
+        if str(resume) in (RESUME_LATEST, RESUME_AUTO):
             return self.latest()
         path = Path(resume)
         if path.is_dir():
@@ -191,6 +299,20 @@ def config_differences(old: Any, new: Any, may_change: Iterable[str] = RESUME_MA
         fa = "(absent)" if va is missing else json.dumps(va)
         fb = "(absent)" if vb is missing else json.dumps(vb)
         lines.append(f"{key}: {fa} → {fb}")
+    return lines
+
+
+_MISSING = object()
+
+
+def retuned_settings(old: Any, new: Any, keys: Iterable[str] = RESUME_MAY_RETUNE) -> list[str]:
+    """Lines `key: old → new` for the training settings in `keys` that a resume changes."""
+    a, b = _flatten(plain_config(old) or {}), _flatten(plain_config(new) or {})
+    lines = []
+    for key in keys:
+        if (key in a or key in b) and a.get(key, _MISSING) != b.get(key, _MISSING):
+            fa, fb = (json.dumps(d[key]) if key in d else "(absent)" for d in (a, b))
+            lines.append(f"{key}: {fa} → {fb}")
     return lines
 
 
