@@ -144,3 +144,34 @@ def test_fixed_length_tuples():
         from_dict(Blocks, {"sizes": [3, "x", 1]})
     with pytest.raises(ConfigError, match="needs exactly 3 items"):
         from_dict(Blocks, {"sizes": [3, 4]})
+
+
+def test_loss_names_and_parameters_are_checked_when_the_config_is_loaded(tmp_path, toy_job, capsys):
+    """Not after the data and the teacher are loaded: `config show` already refuses, naming file, key and fix."""
+    from xmodal.cli import main
+
+    @dataclass
+    class WithLosses:
+        model: Model
+        losses: list[LossSpec] = field(default_factory=list)
+
+    ok = from_dict(WithLosses, {"model": {"name": "m"}, "losses": [{"name": "clip"}, {"name": "affinity"}]})
+    assert [s.name for s in ok.losses] == ["clip", "affinity"]
+    with pytest.raises(ConfigError, match=r"job\.yaml: key 'losses\[1\]\.name': unknown loss 'afinity' "
+                                          r"\(did you mean 'affinity'\?\)"):
+        from_dict(WithLosses, {"model": {"name": "m"}, "losses": [{"name": "clip"}, {"name": "afinity"}]},
+                  source="job.yaml")
+    with pytest.raises(ConfigError, match=r"key 'losses\[0\]\.params' \(loss 'affinity'\): unknown parameter "
+                                          r"'scal' \(did you mean 'scale'\?\)"):
+        from_dict(WithLosses, {"model": {"name": "m"}, "losses": [{"name": "affinity", "params": {"scal": 5}}]})
+    with pytest.raises(ConfigError, match=r"key 'losses\[0\]\.weight': must be a finite number"):
+        from_dict(WithLosses, {"model": {"name": "m"}, "losses": [{"name": "clip", "weight": float("nan")}]})
+
+    name = "toy_losses_job"
+    if name not in JOBS:
+        register_job(name, WithLosses)(lambda cfg: {})
+    f = tmp_path / "job.yaml"
+    f.write_text(f"job: {name}\nmodel: {{name: m}}\nlosses: [{{name: afinity}}]\n")
+    assert main(["config", "show", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert f"{f}: key 'losses[0].name': unknown loss 'afinity' (did you mean 'affinity'?)" in err

@@ -6,6 +6,7 @@ A config is data: no key can import a module or run code. Components are chosen 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -33,6 +34,21 @@ class LossSpec:
     weight: float = 1.0
     params: dict[str, Any] = field(default_factory=dict)
     label: str | None = None
+
+    def check_config(self, source: str, key: str) -> None:
+        """Called when a config is loaded: the name is a registered loss, its params are keywords that loss takes
+        and the weight is finite, so a typo fails at once (not after the data and the teacher are loaded)."""
+        from xmodal.losses import LOSSES
+        from xmodal.registry import check_kwargs
+
+        at = f"{key}." if key else ""
+        if not math.isfinite(self.weight):
+            raise ConfigError(f"{source}: key '{at}weight': must be a finite number, got {self.weight}")
+        try:
+            factory = LOSSES.get(self.name)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: key '{at}name': {e}") from None
+        check_kwargs(factory, self.params, f"{source}: key '{at}params' (loss '{self.name}')")
 
 
 @dataclass
@@ -242,6 +258,9 @@ def _from_mapping(cls: type[C], data: Mapping[str, Any], source: str, prefix: st
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"{source}: invalid '{prefix.rstrip('.') or cls.__name__}': {e}") from e
+    check = getattr(obj, "check_config", None)
+    if callable(check):  # checks a config block can make of itself beyond types (e.g. registry names)
+        check(source, prefix.rstrip("."))
     return obj
 
 
