@@ -114,7 +114,9 @@ def _staging_dir(out: Path, overwrite: bool):
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} exists and is not a folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    from xmodal.io import make_temp_dir
+
+    tmp = make_temp_dir(out.parent, prefix=f".{out.name}.", suffix=".partial")  # mode per umask, not mkdtemp's 0700
     try:
         yield tmp
         old = None
@@ -150,6 +152,8 @@ def export_open_clip(
     """
     from safetensors.torch import save_file
 
+    from xmodal.io import default_file_mode
+
     for key in ("embed_dim", "vision_cfg", "text_cfg"):
         if key not in model_cfg:
             raise ConfigError(f"model_cfg lacks '{key}'; expected an open_clip model config")
@@ -163,6 +167,7 @@ def export_open_clip(
     config = {"model_cfg": _jsonable(model_cfg), "preprocess_cfg": _jsonable(preprocess_cfg)}
     with _staging_dir(out, overwrite) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": "xmodal"})
+        os.chmod(tmp / WEIGHTS_NAME, default_file_mode())  # safetensors writes 0600; follow the umask instead
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         for f in (tmp / WEIGHTS_NAME, tmp / CONFIG_NAME):
             with open(f, "rb") as fh:

@@ -260,7 +260,7 @@ def obtain_teacher(cfg: SpeechTeacherConfig, data: LipreadDataConfig, paths: Man
     log.info("teacher: training a %s-parameter speech recogniser for %d steps",
              f"{sum(p.numel() for p in model.parameters()):,}", cfg.train.steps)
     Distiller(student, build_losses(cfg.losses), train_ds, cfg.train, folder, evaluator=evaluator,
-              config={"teacher": recipe, "audio": to_dict(data.audio)}, collate_fn=collate_av).fit()
+              config={"teacher": recipe, "audio": to_dict(data.audio)}, collate_fn=collate_av, resume="auto").fit()
     save_recognizer(model, model_file, meta={"vocab": vocab.to_dict(), "audio": to_dict(data.audio)})
     atomic_write_json(marker, {"key": key, "model": str(model_file)})
     return model.eval()
