@@ -255,18 +255,25 @@ def _pyav_rgb(path: Path, num_threads: int) -> tuple[int, Iterator[np.ndarray]]:
 _RGB_READERS = {"decord": _decord_rgb, "pyav": _pyav_rgb}  # backend → (frame-count hint, RGB frame iterator)
 
 
+def iter_rgb_frames(path: str | Path, backend: str = "pyav",
+                    num_threads: int = 1) -> tuple[int, Iterator[np.ndarray]]:
+    """(frame-count hint, 0 when unknown; iterator of uint8 RGB frames [H, W, 3]), decoded one frame at a time
+    (what face-landmark detectors read)."""
+    if backend not in _RGB_READERS:
+        raise ConfigError(f"unknown video backend {backend!r}; choose one of {VIDEO_BACKENDS}")
+    return _RGB_READERS[backend](Path(path), num_threads)
+
+
 def iter_gray_frames(path: str | Path, backend: str = "decord", num_threads: int = 1, *, crop: Box | None = None,
                      resize: int | tuple[int, int] | None = None) -> tuple[int, Iterator[np.ndarray]]:
     """(frame-count hint, 0 when the container does not say; iterator of uint8 gray frames [H, W]), decoded one
     frame at a time: each RGB frame is cropped to `crop` (top, left, height, width), turned to gray
     (`rgb_to_gray`) and resized to `resize` (a side, or (height, width)) before the next one is decoded."""
     path = Path(path)
-    if backend not in _RGB_READERS:
-        raise ConfigError(f"unknown video backend {backend!r}; choose one of {VIDEO_BACKENDS}")
     size = (resize, resize) if isinstance(resize, int) else tuple(resize) if resize is not None else None
     if size is not None and min(size) < 1:
         raise ConfigError(f"video resize must be positive, got {resize}")
-    hint, rgb_frames = _RGB_READERS[backend](path, num_threads)
+    hint, rgb_frames = iter_rgb_frames(path, backend, num_threads)
 
     def gray() -> Iterator[np.ndarray]:
         for rgb in rgb_frames:
