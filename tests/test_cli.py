@@ -56,3 +56,32 @@ def test_every_package_is_listed_in_setup_cfg():
             rel = init.parent.relative_to(root / folder).parts
             found.add(".".join((name, *rel)))
     assert found <= listed, f"add to setup.cfg [options] packages: {sorted(found - listed)}"
+
+
+def test_every_third_party_import_is_a_declared_requirement():
+    """A package imported but not in install_requires works here (something else pulled it in) and breaks a
+    clean install the day that something changes."""
+    import ast
+    import configparser
+    import re
+    from importlib.metadata import packages_distributions
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = configparser.ConfigParser()
+    cfg.read(root / "setup.cfg")
+    norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+    requirements = [line.strip() for line in cfg["options"]["install_requires"].splitlines() if line.strip()]
+    declared = {norm(re.split(r"[<>=!~ ;\[]", line)[0]) for line in requirements}
+    modules = set()
+    for folder in ("xmodal", "teachers", "students", "tasks"):
+        for path in (root / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Import):
+                    modules.update(alias.name.split(".")[0] for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    modules.add(node.module.split(".")[0])
+    third_party = sorted(m for m in modules - set(sys.stdlib_module_names) if m != "xmodal")
+    dists = packages_distributions()
+    missing = [m for m in third_party if not any(norm(d) in declared for d in dists.get(m, [m]))]
+    assert not missing, f"imported but not in setup.cfg install_requires: {missing}"
