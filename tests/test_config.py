@@ -161,7 +161,7 @@ def test_loss_names_and_parameters_are_checked_when_the_config_is_loaded(tmp_pat
                                           r"\(did you mean 'affinity'\?\)"):
         from_dict(WithLosses, {"model": {"name": "m"}, "losses": [{"name": "clip"}, {"name": "afinity"}]},
                   source="job.yaml")
-    with pytest.raises(ConfigError, match=r"key 'losses\[0\]\.params' \(loss 'affinity'\): unknown parameter "
+    with pytest.raises(ConfigError, match=r"key 'losses\[0\]\.params': loss 'affinity': unknown parameter "
                                           r"'scal' \(did you mean 'scale'\?\)"):
         from_dict(WithLosses, {"model": {"name": "m"}, "losses": [{"name": "affinity", "params": {"scal": 5}}]})
     with pytest.raises(ConfigError, match=r"key 'losses\[0\]\.weight': must be a finite number"):

@@ -48,7 +48,7 @@ class LossSpec:
             factory = LOSSES.get(self.name)
         except ConfigError as e:
             raise ConfigError(f"{source}: key '{at}name': {e}") from None
-        check_kwargs(factory, self.params, f"{source}: key '{at}params' (loss '{self.name}')")
+        check_kwargs(factory, self.params, f"{source}: key '{at}params': loss '{self.name}'")
 
 
 @dataclass
