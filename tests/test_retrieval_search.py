@@ -155,3 +155,20 @@ def test_approximate_ranks_search_past_a_run_of_ties():
         return ids == 0
 
     assert approximate_ranks(index, query, one_positive, 30).tolist() == [12]
+
+
+def test_index_recall_counts_a_duplicate_kept_instead_of_its_twin():
+    from xmodal.tasks.retrieval.search import pair_scores
+
+    g = torch.Generator().manual_seed(7)
+    docs = torch.randn(100, 8, generator=g)
+    docs[50] = docs[3]  # exact duplicates: the exact search keeps 3 (lower id), an index may return 50
+    queries = torch.cat([docs[3:4], docs[10:11]]) + 0.01 * torch.randn(2, 8, generator=g)
+    _, exact = exact_topk(queries, docs, 1)
+    assert exact[:, 0].tolist() == [3, 10]
+    approx = np.array([[50], [11]])  # the twin (as good), and a wrong neighbour
+    scores = [pair_scores(queries, docs, i) for i in (approx, exact)]
+    assert index_recall(approx, exact) == 0.0
+    assert index_recall(approx, exact, *scores) == 0.5
+    assert index_recall(np.array([[-1], [10]]), exact, pair_scores(queries, docs, np.array([[-1], [10]])),
+                        scores[1]) == 0.5  # faiss's -1 padding is never a hit

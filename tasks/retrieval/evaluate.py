@@ -117,7 +117,7 @@ def _evaluate_approximate(
 ) -> dict[str, float]:
     from xmodal.errors import DataError
 
-    from .search import build_index, exact_topk, index_recall, search_index
+    from .search import build_index, exact_topk, index_recall, pair_scores, search_index
 
     check_embeddings(image_emb, "image embeddings")
     check_embeddings(text_emb, "text embeddings")
@@ -149,7 +149,8 @@ def _evaluate_approximate(
         sample_q = _rows(queries, sample)
         _, ids = search_index(idx, sample_q, top, normalize=normalize)
         _, exact_ids = exact_topk(sample_q, docs, top, normalize=normalize, device=device, block_bytes=block_bytes)
-        metrics[f"{direction}_index_recall@{exact_ids.shape[1]}"] = index_recall(ids, exact_ids)
+        scores = [pair_scores(sample_q, docs, i, normalize=normalize) for i in (ids, exact_ids)]
+        metrics[f"{direction}_index_recall@{exact_ids.shape[1]}"] = index_recall(ids, exact_ids, *scores)
     return metrics
 
 

@@ -216,11 +216,46 @@ def search_index(
     return scores, ids
 
 
-def index_recall(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
-    """k-recall@k: mean fraction of each query's exact top-k that the approximate index also returned."""
+def pair_scores(queries, docs, ids: np.ndarray, *, normalize: bool = True, block_rows: int = 256) -> np.ndarray:
+    """Score of query i with each document `ids[i, j]` (NaN where the id is -1), all by one elementwise product.
+
+    Every pair goes through the same computation, so equal documents (exact duplicates) get equal scores.
+    """
+    ids = np.asarray(ids)
+    out = np.full(ids.shape, np.nan, dtype=np.float32)
+    cpu = torch.device("cpu")
+    for start in range(0, ids.shape[0], block_rows):
+        stop = min(start + block_rows, ids.shape[0])
+        q = _normalized_rows(queries, start, stop, cpu, normalize, "queries")
+        block = ids[start:stop]
+        rows = np.unique(block[block >= 0])
+        d = _normalized_rows(docs[torch.as_tensor(rows, device=docs.device)] if isinstance(docs, Tensor)
+                             else docs[rows], 0, len(rows), cpu, normalize, "documents")
+        where = torch.as_tensor(np.searchsorted(rows, np.maximum(block, 0)))
+        scores = (q[:, None, :] * d[where]).sum(dim=-1).numpy()
+        out[start:stop] = np.where(block >= 0, scores, np.nan)
+    return out
+
+
+def index_recall(
+    approx_ids: np.ndarray,
+    exact_ids: np.ndarray,
+    approx_scores: np.ndarray | None = None,
+    exact_scores: np.ndarray | None = None,
+) -> float:
+    """k-recall@k: mean fraction of each query's exact top-k that the approximate index also returned.
+
+    With scores (from `pair_scores`, one computation for both), an approximate result that scores at least
+    the exact k-th score counts too: a tie at the cut, e.g. an exact duplicate of a top-k document, is as
+    good a neighbour as the one the exact search happened to keep.
+    """
     approx_ids, exact_ids = np.asarray(approx_ids), np.asarray(exact_ids)
     if approx_ids.shape[0] != exact_ids.shape[0]:
         raise ValueError(f"{approx_ids.shape[0]} approximate vs {exact_ids.shape[0]} exact result rows")
     k = exact_ids.shape[1]
-    hits = sum(len(set(a[:k].tolist()) & set(e.tolist())) for a, e in zip(approx_ids, exact_ids))
-    return hits / float(exact_ids.size)
+    if approx_scores is None or exact_scores is None:
+        hits = sum(len(set(a[:k].tolist()) & set(e.tolist())) for a, e in zip(approx_ids, exact_ids))
+        return hits / float(exact_ids.size)
+    kth = np.nanmin(np.asarray(exact_scores), axis=1, keepdims=True)
+    good = (approx_ids[:, :k] >= 0) & (np.asarray(approx_scores)[:, :k] >= kth)  # NaN (no result) is not good
+    return float(np.minimum(good.sum(axis=1), k).sum()) / float(exact_ids.size)
