@@ -263,7 +263,9 @@ class CheckpointManager:
                 raise CheckpointError(f"resume: no step_*.pt checkpoint found in {path}")
             return inner
         if not path.is_file():
-            raise CheckpointError(f"resume: checkpoint {path} does not exist (use 'latest' or a step_*.pt path)")
+            raise CheckpointError(
+                f"resume: checkpoint {path} does not exist (use 'latest', 'auto' or the path of a step_*.pt file)"
+            )
         return path
 
 

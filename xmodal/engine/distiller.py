@@ -29,6 +29,7 @@ from xmodal.engine.checkpoint import (
     RESUME_AUTO,
     RESUME_LATEST,
     RESUME_MAY_CHANGE,
+    RESUME_MAY_RETUNE,
     CheckpointManager,
     capture_rng,
     check_resume_compatible,
@@ -378,7 +379,7 @@ class Distiller:
             check_resume_compatible(ckpt, path, self.config, self.teacher_fingerprint, self.resume_may_change)
             retuned = []
             if self.config is not None and ckpt.get("config") is not None:
-                retuned = retuned_settings(ckpt["config"], self.config)
+                retuned = retuned_settings(ckpt["config"], self.config, (*RESUME_MAY_RETUNE, "train.steps"))
             self.load_state_dict(ckpt, path)
             self.saved_step, self.saved_path = self.step, path
             if retuned:
