@@ -190,3 +190,76 @@ def test_missing_image_and_empty_data(tmp_path):
     empty.write_text("filepath,title\n")
     with pytest.raises(DataError, match="no records"):
         encode_image_text(tiny_loaded_clip(), empty, cache_dir=tmp_path / "c", device="cpu", progress=False)
+
+
+# ---------------------------------------------------------------- one writer per entry, no temp folders pile up
+
+KILLED_WRITER = '''
+import pathlib, sys, time
+
+import numpy as np
+
+from xmodal.tasks.retrieval import EmbeddingStore
+
+root, ready = sys.argv[1], pathlib.Path(sys.argv[2])
+with EmbeddingStore(root).writer("victim", 2, 2, np.array([0, 1]), {}) as w:
+    w.write("image", 0, np.ones((2, 4)))
+    ready.touch()
+    time.sleep(600)  # killed here, mid-write
+'''
+
+
+def test_temp_folders_of_killed_writers_are_removed(tmp_path):
+    """A writer killed mid-write (SIGKILL: no cleanup runs) leaves its temp folder; the next writer removes it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "cache"
+    script, ready = tmp_path / "writer.py", tmp_path / "ready"
+    script.write_text(KILLED_WRITER)
+    proc = subprocess.Popen([sys.executable, str(script), str(root), str(ready)], stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(2400):  # up to 2 min for the child to start and begin writing
+            if ready.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert ready.exists(), proc.communicate()[1]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    left = [p.name for p in root.iterdir() if p.name.startswith(".victim.")]
+    assert any(name.endswith(".tmp") for name in left)  # what the kill left behind
+    for i in range(11):  # and what earlier kills left (ten temp folders, a half-removed entry)
+        (root / f".k{i}.abc{i}.tmp").mkdir()
+    (root / ".k3.x.trash").mkdir()
+    store = EmbeddingStore(root)
+    with store.writer("fresh", 1, 1, np.zeros(1, int), {}) as w:
+        w.write("image", 0, np.ones((1, 4)))
+        w.write("text", 0, np.ones((1, 4)))
+    assert sorted(p.name for p in root.iterdir()) == ["fresh"]
+    assert store.load("fresh") is not None
+
+
+def test_an_entry_being_written_is_locked(tmp_path):
+    """A second writer of the same entry is refused, naming the writer's process; its temp folder is kept."""
+    from xmodal.lock import FolderLock, LockedError
+
+    root = tmp_path / "cache"
+    root.mkdir()
+    busy = root / ".k.live.tmp"
+    busy.mkdir()
+    store = EmbeddingStore(root)
+    with FolderLock(root, "embedding-store entry", name=".k.lock"):  # another writer holds entry k
+        with pytest.raises(LockedError, match=f"entry k in {root} is being written by process {os.getpid()}"):
+            with store.writer("k", 1, 1, np.zeros(1, int), {}):
+                pass
+        with store.writer("other", 1, 1, np.zeros(1, int), {}) as w:  # other entries are free
+            w.write("image", 0, np.ones((1, 4)))
+            w.write("text", 0, np.ones((1, 4)))
+        assert busy.is_dir()  # the live writer's temp folder is left alone
+    with store.writer("k", 1, 1, np.zeros(1, int), {}) as w:
+        w.write("image", 0, np.ones((1, 4)))
+        w.write("text", 0, np.ones((1, 4)))
+    assert not busy.exists() and sorted(p.name for p in root.iterdir()) == ["k", "other"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 from xmodal.commands import register_command
@@ -43,14 +44,20 @@ def run(args: argparse.Namespace) -> int:
         source.teacher, source.dataset, out, source.fingerprint,
         batch_size=args.batch_size or source.batch_size, shard_size=args.shard_size, dtype=args.dtype,
         collate_fn=source.collate_fn, num_workers=args.num_workers, device=args.device,
-        meta={"job": job, "config": str(args.config), **(source.meta or {})}, progress=not args.no_progress,
+        meta={"job": job, "config": str(args.config), **(source.meta or {})}, data=source.data,
+        progress=not args.no_progress,
     )
-    print(f"teacher cache ready: {path}")
+    manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    rows = sum(e["rows"] for e in manifest["shards"])
+    skipped = manifest.get("skipped", [])
+    note = f"; {len(skipped)} unreadable sample(s) skipped, their ids are in manifest.json" if skipped else ""
+    print(f"teacher cache ready: {path} ({rows} samples{note})")
     return 0
 
 
 register_command(
     "cache", "run a teacher once over a data set and store its outputs for distillation", configure, run,
     description="Run the job's teacher over its training data once and store pooled features, token sequences "
-    "and logits in sharded memory-mapped files; an interrupted build resumes where it stopped.",
+    "and logits in sharded memory-mapped files; an interrupted build resumes where it stopped. Samples the data "
+    "set cannot read (on_error: skip) are left out and listed in the manifest. One build per folder at a time.",
 )

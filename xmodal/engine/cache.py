@@ -2,9 +2,11 @@
 
 Layout of a cache folder:
 
-    manifest.json            format, teacher fingerprint, plan, field schema, finished shards (sizes, blake2b)
+    manifest.json            format, teacher fingerprint, data identity, plan, field schema, finished shards
+                             (sizes, blake2b, ids of skipped samples)
     shard_00000/ids.json     [[sample id, augmentation index], ...] in row order
     shard_00000/<m>.<f>.bin  raw little-endian arrays, one per field
+    .lock                    held by the process building the cache (`xmodal.lock`): one builder per folder
 
 Fields per modality `m`: `pooled` [rows, D]; 2-D `logits` [rows, C]; token fields stored flat without padding:
 `tokens` [Σlen, Dt] and `mask` [Σlen] (uint8) with `tokens_len` [rows] (int32); 3-D `logits` [Σlen, C] with
@@ -13,6 +15,12 @@ Fields per modality `m`: `pooled` [rows, D]; 2-D `logits` [rows, C]; token field
 A shard folder is written under a temp name and renamed, then the manifest (written atomically) records it:
 an interrupted build resumes at the first unrecorded shard. Opening checks every file's exact size (truncation)
 and, with `verify="full"`, its blake2b checksum (corruption), naming the shard at fault.
+
+Identity: the fingerprint (`xmodal.fingerprint`) covers the teacher and, from the jobs, the data (content hash of
+the data file, media file states, vocabulary ...). The manifest records the data identity; opening a cache whose
+data files changed since, or for a fingerprint with other data, is refused with what differs. Rows are keyed by
+sample id (the data set's stable `sample_key`), never by row position. A sample the data set cannot read (it
+returns None, as with `on_error: skip`) is left out and its id recorded, so a lookup of it says so.
 """
 
 from __future__ import annotations
@@ -33,13 +41,16 @@ import torch
 
 from xmodal.errors import CheckpointError, ConfigError, DataError
 from xmodal.features import Features
+from xmodal.fingerprint import DataIdentity, describe_difference, fingerprint_parts
 from xmodal.io import atomic_write_json
+from xmodal.lock import locked
 from xmodal.registry import Registry
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = "xmodal-teacher-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: data identity and skipped samples in the manifest (version 1 caches stay readable)
+READ_VERSIONS = (1, 2)
 DTYPES = {"float16": np.float16, "float32": np.float32}
 FP16_MAX = float(np.finfo(np.float16).max)
 _CHUNK = 1 << 22
@@ -52,8 +63,10 @@ _CHUNK = 1 << 22
 class CacheSource:
     """What `xmodal cache` needs from a job: the frozen teacher, the data set to run it on, its fingerprint.
 
-    `dataset` items are dicts with an `id` (str) and optionally an `aug_index` (int); batches collated by
-    `collate_fn` (default: `collate_samples`) must carry `ids` and optionally `aug_index`.
+    `dataset` items are dicts with an `id` (str) and optionally an `aug_index` (int), or None for a sample that
+    cannot be read (skipped and recorded; `dataset.sample_key(index)` names it); batches collated by
+    `collate_fn` (default: `collate_samples`) must carry `ids` and optionally `aug_index`. `fingerprint` is
+    `xmodal.fingerprint.fingerprint(teacher, preprocessing, data=data)` and `data` the data identity in it.
     """
 
     teacher: Callable[[Mapping[str, Any]], Mapping[str, Features]]
@@ -63,6 +76,7 @@ class CacheSource:
     batch_size: int = 64
     out_dir: str | os.PathLike | None = None
     meta: dict | None = None
+    data: DataIdentity | None = None
 
 
 CACHE_SOURCES: Registry[Callable[[Any], CacheSource]] = Registry("cache source")
@@ -149,6 +163,38 @@ def _batch_ids(batch: Mapping[str, Any]) -> list[str]:
     if isinstance(ids, torch.Tensor):
         ids = ids.tolist()
     return [str(i) for i in ids]
+
+
+def _sample_key(dataset: Any, index: int) -> str:
+    """The data set's stable key of item `index` (`dataset.sample_key`), else the index as text."""
+    fn = getattr(dataset, "sample_key", None)
+    return str(fn(index)) if callable(fn) else str(index)
+
+
+class _Positions(torch.utils.data.Dataset):
+    """Items of `dataset` at `indices`, each as (index, item), so skipped (None) items keep their position."""
+
+    def __init__(self, dataset: Any, indices: Sequence[int]):
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int) -> tuple[int, Any]:
+        i = self.indices[j]
+        return i, self.dataset[i]
+
+
+class _CollateKept:
+    """(indices of skipped items, batch of the others or None) from a list of (index, item)."""
+
+    def __init__(self, collate: Callable):
+        self.collate = collate
+
+    def __call__(self, pairs: Sequence[tuple[int, Any]]) -> tuple[list[int], Any]:
+        kept = [item for _, item in pairs if item is not None]
+        skipped = [i for i, item in pairs if item is None]
+        return skipped, (self.collate(kept) if kept else None)
 
 
 def _row_lengths(mask: torch.Tensor) -> np.ndarray:
@@ -247,9 +293,10 @@ def _read_manifest(path: Path) -> dict[str, Any] | None:
         raise CheckpointError(f"{mf}: unreadable teacher-cache manifest ({e}); delete the folder and rebuild") from e
     if manifest.get("format") != CACHE_FORMAT:
         raise CheckpointError(f"{mf} is not a teacher-cache manifest (format {manifest.get('format')!r})")
-    if manifest.get("version") != CACHE_VERSION:
+    if manifest.get("version") not in READ_VERSIONS:
         raise CheckpointError(
-            f"{mf}: teacher-cache format version {manifest.get('version')}, this xmodal reads {CACHE_VERSION}"
+            f"{mf}: teacher-cache format version {manifest.get('version')}, this xmodal reads "
+            f"{', '.join(map(str, READ_VERSIONS))}; rebuild the cache with `xmodal cache CONFIG`"
         )
     return manifest
 
@@ -274,35 +321,55 @@ def build_cache(
     device: str | torch.device = "auto",
     precision: str = "auto",
     meta: Mapping[str, Any] | None = None,
+    data: DataIdentity | None = None,
     progress: bool = True,
 ) -> Path:
     """Run `teacher` over the map-style `dataset` in order and store its outputs; resumes an interrupted build.
 
-    Shard k holds samples [k·shard_size, (k+1)·shard_size). Rebuilding into a folder made by another teacher
-    or another plan (data set size, shard size, dtype) is an error that says what differs.
+    Shard k holds samples [k·shard_size, (k+1)·shard_size) less the ones the data set could not read (None items:
+    their ids are recorded). Rebuilding into a folder made by another teacher, for other data or with another
+    plan (data set size, shard size, dtype) is an error that says what differs. The folder is locked while it is
+    built: a second builder is refused, naming the process that holds it.
     """
-    from torch.utils.data import DataLoader, Subset
+    if dtype not in DTYPES:
+        raise ConfigError(f"cache dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    if shard_size < 1 or batch_size < 1:
+        raise ConfigError(f"shard_size and batch_size must be positive, got {shard_size} and {batch_size}")
+    n = len(dataset)
+    if n == 0:
+        raise DataError("the data set to cache is empty")
+    root = Path(out_dir)
+    with locked(root, "teacher cache"):
+        return _build(teacher, dataset, root, fingerprint, n, batch_size=batch_size, shard_size=shard_size,
+                      dtype=dtype, collate_fn=collate_fn, num_workers=num_workers, device=device,
+                      precision=precision, meta=meta, data=data, progress=progress)
+
+
+def _data_record(fingerprint: str, data: DataIdentity | None) -> dict[str, Any] | None:
+    """The manifest's data identity: the job's (with file paths), else the parts the fingerprint names."""
+    if data is not None:
+        return data.to_dict()
+    parts = fingerprint_parts(fingerprint)[1]
+    return None if parts is None else {"parts": parts, "files": {}}
+
+
+def _build(teacher, dataset, root: Path, fingerprint: str, n: int, *, batch_size, shard_size, dtype, collate_fn,
+           num_workers, device, precision, meta, data, progress) -> Path:
+    from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
     from xmodal.device import autocast, resolve_device
     from xmodal.engine.data import collate_samples, to_device
 
-    if dtype not in DTYPES:
-        raise ConfigError(f"cache dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
-    if shard_size < 1 or batch_size < 1:
-        raise ConfigError(f"shard_size and batch_size must be positive, got {shard_size} and {batch_size}")
-    root = Path(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    n = len(dataset)
-    if n == 0:
-        raise DataError("the data set to cache is empty")
     plan = {"num_samples": n, "shard_size": int(shard_size), "dtype": dtype,
             "num_shards": math.ceil(n / shard_size)}
     manifest = _read_manifest(root)
     if manifest is not None:
         if manifest["fingerprint"] != fingerprint:
+            why = describe_difference(manifest["fingerprint"], fingerprint) or (
+                f"the teacher fingerprint differs ({manifest['fingerprint']} → {fingerprint})")
             raise CheckpointError(
-                f"{root} holds a cache of teacher {manifest['fingerprint']}, but this teacher is {fingerprint}; "
+                f"{root} holds a teacher cache that does not fit this one: {why}; "
                 "choose another output folder or delete this one"
             )
         diffs = [f"{k}: {manifest['plan'].get(k)} → {v}" for k, v in plan.items() if manifest["plan"].get(k) != v]
@@ -321,7 +388,9 @@ def build_cache(
             return root
     else:
         manifest = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "fingerprint": fingerprint, "plan": plan,
-                    "meta": dict(meta or {}), "fields": None, "shards": [], "complete": False}
+                    "data": _data_record(fingerprint, data), "meta": dict(meta or {}), "fields": None,
+                    "shards": [], "complete": False}
+    manifest["version"] = CACHE_VERSION
     manifest["complete"] = False
     done = {e["name"] for e in manifest["shards"]}
     for p in root.iterdir():  # leftovers of an interrupted shard write
@@ -335,35 +404,55 @@ def build_cache(
     todo = [k for k in range(plan["num_shards"]) if _shard_name(k) not in done]
     if done:
         log.info("%s: resuming cache build, %d of %d shards already done", root, len(done), plan["num_shards"])
-    bar = tqdm(total=n, initial=sum(e["rows"] for e in manifest["shards"]), desc="teacher cache", unit="sample",
-               disable=not progress or None, dynamic_ncols=True)
+    seen = sum(e["rows"] + len(e.get("skipped", [])) for e in manifest["shards"])
+    bar = tqdm(total=n, initial=seen, desc="teacher cache", unit="sample", disable=not progress or None,
+               dynamic_ncols=True)
     np_dtype = np.dtype(DTYPES[dtype])
     for k in todo:
         lo, hi = k * shard_size, min(n, (k + 1) * shard_size)
-        loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=batch_size, shuffle=False,
-                            collate_fn=collate_fn or collate_samples, num_workers=num_workers)
+        loader = DataLoader(_Positions(dataset, range(lo, hi)), batch_size=batch_size, shuffle=False,
+                            collate_fn=_CollateKept(collate_fn or collate_samples), num_workers=num_workers)
         buf = _ShardBuffer(np_dtype)
-        for batch in loader:
-            ids = _batch_ids(batch)
-            augs = _aug_list(batch.get("aug_index"), len(ids))
-            with torch.inference_mode(), autocast(device, precision):
-                outputs = teacher(to_device(batch, device))
-            buf.add(ids, augs, outputs)
-            bar.update(len(ids))
+        skipped: list[str] = []
+        for missing, batch in loader:
+            skipped.extend(_sample_key(dataset, i) for i in missing)
+            if batch is not None:
+                ids = _batch_ids(batch)
+                augs = _aug_list(batch.get("aug_index"), len(ids))
+                with torch.inference_mode(), autocast(device, precision):
+                    outputs = teacher(to_device(batch, device))
+                buf.add(ids, augs, outputs)
+            bar.update(len(missing) + (0 if batch is None else len(_batch_ids(batch))))
+        if skipped:
+            log.warning("%s: %d sample(s) of %s could not be read and are not cached (first: '%s')", root,
+                        len(skipped), _shard_name(k), skipped[0])
         arrays = buf.arrays()
-        schema = _schema(arrays, hi - lo)
-        if manifest["fields"] is None:
-            manifest["fields"] = schema
-        elif schema != manifest["fields"]:
+        rows = len(buf.keys)
+        if rows + len(skipped) != hi - lo:
             raise DataError(
-                f"teacher outputs of {_shard_name(k)} have fields {schema}, earlier shards had "
-                f"{manifest['fields']}; the teacher must return the same modalities and fields for every batch"
+                f"{_shard_name(k)}: the data loader gave {rows} cached and {len(skipped)} skipped samples for "
+                f"{hi - lo} positions; every item needs exactly one id"
             )
-        manifest["shards"].append(_write_shard(root, k, buf.keys, arrays))
+        if rows:
+            schema = _schema(arrays, rows)
+            if manifest["fields"] is None:
+                manifest["fields"] = schema
+            elif schema != manifest["fields"]:
+                raise DataError(
+                    f"teacher outputs of {_shard_name(k)} have fields {schema}, earlier shards had "
+                    f"{manifest['fields']}; the teacher must return the same modalities and fields for every batch"
+                )
+        entry = _write_shard(root, k, buf.keys, arrays)
+        entry["skipped"] = skipped
+        manifest["shards"].append(entry)
         manifest["shards"].sort(key=lambda e: e["name"])
         atomic_write_json(root / "manifest.json", manifest)
     bar.close()
+    if not any(e["rows"] for e in manifest["shards"]):
+        raise DataError(f"none of the {n} samples could be read, so there is nothing to cache; check the data "
+                        "set (on_error: raise shows why the first one fails)")
     _check_unique_keys(root, manifest)
+    manifest["skipped"] = sorted(sid for e in manifest["shards"] for sid in e.get("skipped", []))
     manifest["complete"] = True
     atomic_write_json(root / "manifest.json", manifest)
     return root
@@ -406,12 +495,14 @@ def _check_unique_keys(root: Path, manifest: Mapping[str, Any]) -> None:
 class TeacherCache:
     """Read-only view of a finished cache; `cache(batch)` returns the teacher outputs for `batch["ids"]`.
 
-    `fingerprint`: the current teacher's fingerprint; a cache of another teacher is refused.
+    `fingerprint`: the current teacher's fingerprint; a cache of another teacher, or (when the fingerprint names
+    its data) for other data, is refused. `data`: the current data identity, compared part by part. Either way,
+    a cache whose recorded data files have changed since it was built is refused.
     `verify`: "full" checks sizes and checksums of every shard on open, "size" only exact sizes.
     """
 
     def __init__(self, path: str | os.PathLike, *, fingerprint: str | None = None,
-                 verify: Literal["full", "size"] = "full"):
+                 verify: Literal["full", "size"] = "full", data: DataIdentity | None = None):
         self.path = Path(path)
         manifest = _read_manifest(self.path)
         if manifest is None:
@@ -423,15 +514,13 @@ class TeacherCache:
                 f"teacher cache {self.path} is incomplete ({len(manifest['shards'])} of "
                 f"{manifest['plan']['num_shards']} shards); run `xmodal cache` again to finish it"
             )
-        if fingerprint is not None and manifest["fingerprint"] != fingerprint:
-            raise CheckpointError(
-                f"teacher cache {self.path} was built by teacher {manifest['fingerprint']}, but this run's teacher "
-                f"is {fingerprint}; rebuild the cache with this teacher (xmodal cache CONFIG)"
-            )
         if verify not in ("full", "size"):
             raise ConfigError(f"verify must be 'full' or 'size', got '{verify}'")
+        self.data = DataIdentity.from_dict(manifest.get("data"))
+        self._check_identity(manifest["fingerprint"], fingerprint, data)
         self.manifest = manifest
-        self.fingerprint: str = manifest["fingerprint"]
+        self.fingerprint: str = fingerprint if fingerprint is not None else manifest["fingerprint"]
+        self.skipped: set[str] = {sid for e in manifest["shards"] for sid in e.get("skipped", [])}
         self.fields: dict[str, dict[str, Any]] = manifest["fields"] or {}
         self.modalities = sorted({name.split(".", 1)[0] for name in self.fields})
         self._index: dict[tuple[str, int], int] = {}
@@ -441,6 +530,26 @@ class TeacherCache:
             self._shards.append(self._open_shard(entry, verify))
             for r, (sid, aug) in enumerate(self._shards[-1]["keys"]):
                 self._index[(sid, int(aug))] = (s << 40) | r
+
+    def _check_identity(self, recorded: str, fingerprint: str | None, data: DataIdentity | None) -> None:
+        """Refuse another teacher, other data, or data files changed since the build, saying what differs."""
+        rebuild = "rebuild it with this teacher and data (`xmodal cache CONFIG`)"
+        if fingerprint is not None:
+            why = describe_difference(recorded, fingerprint)
+            if why:
+                raise CheckpointError(f"teacher cache {self.path} does not fit this run: {why}; {rebuild}")
+        if data is not None:
+            if self.data is None:
+                raise CheckpointError(f"teacher cache {self.path} records no data identity (made by an older "
+                                      f"xmodal), so it cannot show it holds this data; {rebuild}")
+            names = self.data.differences(data)
+            if names:
+                raise CheckpointError(f"teacher cache {self.path} was built for other data ({', '.join(names)} "
+                                      f"differ); {rebuild}")
+        changed = self.data.changed_files() if self.data is not None else []
+        if changed:
+            raise CheckpointError(f"teacher cache {self.path} was built from data that changed since: "
+                                  f"{'; '.join(changed)}; {rebuild}")
 
     def _open_shard(self, entry: Mapping[str, Any], verify: str) -> dict[str, Any]:
         folder = self.path / entry["name"]
@@ -462,6 +571,8 @@ class TeacherCache:
                 )
         rows = int(entry["rows"])
         shard: dict[str, Any] = {"keys": json.loads((folder / "ids.json").read_text()), "rows": rows}
+        if rows == 0:  # every sample of this shard was skipped: ids only
+            return shard
         for name, spec in self.fields.items():
             shape = tuple(spec["shape"])
             nbytes = entry["files"][f"{name}.bin"]["bytes"]
@@ -507,11 +618,20 @@ class TeacherCache:
         except KeyError:
             for i, a in zip(ids, augs):
                 if (i, a) not in self._index:
-                    raise DataError(
-                        f"sample id '{i}' (augmentation {a}) is not in teacher cache {self.path}; "
-                        "rebuild the cache for this data set"
-                    ) from None
+                    raise self._missing(i, a) from None
             raise
+
+    def _missing(self, sid: str, aug: int) -> DataError:
+        if sid in self.skipped:
+            return DataError(
+                f"sample id '{sid}' (augmentation {aug}) was skipped when teacher cache {self.path} was built: its "
+                "input could not be read, so the cache holds no teacher outputs for it. Fix or remove the sample "
+                "and rebuild the cache (`xmodal cache CONFIG`)"
+            )
+        return DataError(
+            f"sample id '{sid}' (augmentation {aug}) is not in teacher cache {self.path}, and was not skipped when "
+            "it was built: the cache holds another data set; rebuild the cache for this data set"
+        )
 
     def lookup(self, ids: Sequence[str], aug_index: Any = None) -> dict[str, Features]:
         """Teacher outputs (float32 CPU tensors) for these sample ids, in order; sequences padded to the batch max."""
@@ -571,8 +691,10 @@ class TeacherCache:
 
 
 def open_cache(path: str | os.PathLike | TeacherCache, fingerprint: str | None = None,
-               verify: Literal["full", "size"] = "full") -> TeacherCache:
-    return path if isinstance(path, TeacherCache) else TeacherCache(path, fingerprint=fingerprint, verify=verify)
+               verify: Literal["full", "size"] = "full", data: DataIdentity | None = None) -> TeacherCache:
+    if isinstance(path, TeacherCache):
+        return path
+    return TeacherCache(path, fingerprint=fingerprint, verify=verify, data=data)
 
 
 def cache_items(cache: TeacherCache) -> Iterable[tuple[str, int]]:
