@@ -3,21 +3,29 @@
 A shrink size is absolute (an integer ≥ 1), a fraction of the teacher's value (a number in (0, 1)) or a
 percentage string ("75%"). Fractions always refer to the teacher config given, so progressive stages
 (100% → 75% → 50%) are all measured against the original teacher.
+
+The "open_clip" student kind is registered here; `create_student` is the core factory (`xmodal.models`) and the
+open_clip helpers (`model_cfg_of`, `read_open_clip_config`, transforms) live in `xmodal.openclip`, re-exported.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from xmodal.errors import ConfigError
+from xmodal.models import create_student, register_student
+from xmodal.openclip import (
+    build_open_clip,
+    clip_transforms,
+    is_clip_model_cfg,
+    model_cfg_of,
+    read_open_clip_config,
+)
 
 Size = int | float | str  # absolute (int ≥ 1), fraction in (0, 1), or "N%"
 
@@ -219,106 +227,17 @@ def progressive_model_cfgs(
     return out
 
 
-def _preprocess_cfg(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str, Any] | None) -> dict:
-    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
-
-    merged = merge_preprocess_dict(PreprocessCfg(), dict(preprocess_cfg or {}))
-    merged["size"] = model_cfg.get("vision_cfg", {}).get("image_size", merged["size"])
-    return merged
-
-
-def create_student(
+@register_student("open_clip", family="clip", accepts=is_clip_model_cfg)
+def build_clip_student(
     model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str, Any] | None = None, *, device: Any = None
 ) -> nn.Module:
-    """Build an open_clip CLIP (or CustomTextCLIP when `custom_text`) from a model_cfg dict, randomly initialised.
-
-    The model carries its preprocessing config (open_clip's `visual.preprocess_cfg`), so its transforms and
-    exports use the student's own image size.
+    """Student kind "open_clip": an open_clip CLIP from a model_cfg, randomly initialised, carrying its own
+    preprocessing config (`xmodal.openclip.build_open_clip`). `create_student(model_cfg, preprocess_cfg)` builds it.
     """
-    import open_clip
-
-    cfg = copy.deepcopy(dict(model_cfg))
-    if "multimodal_cfg" in cfg:
-        raise ConfigError("model_cfg has 'multimodal_cfg' (a CoCa model); students are contrastive CLIP models")
-    text_cfg, vision_cfg = cfg.get("text_cfg", {}), cfg.get("vision_cfg", {})
-    custom_text = bool(cfg.pop("custom_text", False)) or bool(text_cfg.get("hf_model_name"))
-    if text_cfg.get("hf_model_name"):
-        text_cfg["hf_model_pretrained"] = False  # weights come from inheritance or training, never a download
-    if vision_cfg.get("timm_model_name"):
-        vision_cfg["timm_model_pretrained"] = False
-    cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
-    try:
-        model = cls(**cfg)
-    except (TypeError, AssertionError, ValueError) as e:
-        raise ConfigError(f"cannot build an open_clip model from this model_cfg: {type(e).__name__}: {e}") from e
-    open_clip.set_model_preprocess_cfg(model, _preprocess_cfg(model_cfg, preprocess_cfg))
-    if device is not None:
-        model = model.to(device)
-    return model
+    return build_open_clip(model_cfg, preprocess_cfg, device=device)
 
 
-def student_transforms(model: nn.Module, aug_cfg: Mapping[str, Any] | None = None):
-    """(train, eval) image transforms from the model's own preprocessing config."""
-    import open_clip
-    from open_clip.transform import PreprocessCfg, image_transform_v2
-
-    pp = PreprocessCfg(**open_clip.get_model_preprocess_cfg(model))
-    return image_transform_v2(pp, is_train=True, aug_cfg=dict(aug_cfg or {})), image_transform_v2(pp, is_train=False)
-
-
-def read_open_clip_config(path: str | os.PathLike) -> dict:
-    """Read `open_clip_config.json` (a folder or the file) → `{"model_cfg": ..., "preprocess_cfg": ...}`."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "open_clip_config.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise ConfigError(f"{path}: not found; an open_clip folder needs open_clip_config.json") from e
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object with 'model_cfg'")
-    if "model_cfg" not in data:
-        if "vision_cfg" in data and "text_cfg" in data:
-            data = {"model_cfg": data}
-        else:
-            raise ConfigError(f"{path}: missing 'model_cfg' (keys: {', '.join(data) or 'none'})")
-    data.setdefault("preprocess_cfg", {})
-    return data
-
-
-def model_cfg_of(source: Any, pretrained: str | None = None) -> dict:
-    """A teacher's open_clip model_cfg from a name, a `local-dir:`/`hf-hub:` id, a folder or a loaded teacher.
-
-    Loaded teachers (anything with `.name` and `.pretrained`, like `xmodal.teachers.clip.LoadedCLIP`) resolve
-    through their name and pretrained source.
-    """
-    import open_clip
-
-    if not isinstance(source, (str, os.PathLike)):
-        if hasattr(source, "name"):
-            return model_cfg_of(source.name, getattr(source, "pretrained", None))
-        raise ConfigError(
-            f"model_cfg_of: expected a model name, a folder or a loaded teacher, got {type(source).__name__}"
-        )
-    name = str(source)
-    if name.startswith("local-dir:"):
-        return read_open_clip_config(name[len("local-dir:"):])["model_cfg"]
-    if Path(name).is_dir():
-        return read_open_clip_config(name)["model_cfg"]
-    if pretrained and Path(pretrained).is_dir():
-        return read_open_clip_config(pretrained)["model_cfg"]
-    cfg = open_clip.get_model_config(name if name.startswith("hf-hub:") else name.replace("/", "-"))
-    if cfg is None:
-        from xmodal.registry import suggest
-
-        known = open_clip.list_models()
-        raise ConfigError(
-            f"no open_clip model config named '{name}'{suggest(name, known)}; use a name from "
-            "open_clip.list_models() or a folder with open_clip_config.json"
-        )
-    return copy.deepcopy(cfg)
+student_transforms = clip_transforms  # (train, eval) transforms from the model's own preprocessing config
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -347,6 +266,7 @@ __all__ = [
     "TowerShrink",
     "VisionShrink",
     "as_shrink_spec",
+    "build_clip_student",
     "count_parameters",
     "create_student",
     "describe_model_cfg",

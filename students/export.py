@@ -246,7 +246,9 @@ def load_run_checkpoint(path: str | os.PathLike) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unpickling failure means an unusable file
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from e
+        from xmodal.weights import safe_cause, weights_error
+
+        raise weights_error(path, e, "checkpoint") from safe_cause(e)
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"{path}: expected a checkpoint dict with a 'model' state dict")
     return dict(ckpt)
@@ -325,7 +327,7 @@ __all__ = [
 
 
 def load_clip_checkpoint(path: str | os.PathLike, *, device: str = "cpu"):
-    """A trained xmodal CLIP student as `LoadedCLIP` (model, transforms, tokenizer), from a run folder or checkpoint.
+    """A trained xmodal CLIP student as a `ClipBundle` (model, transforms, tokenizer), from a run folder or checkpoint.
 
     Used by evaluators (`xmodal eval retrieval --checkpoint RUN`); the model config comes from the run's
     `student_open_clip.json`, the weights from the newest checkpoint (or the file given).
@@ -333,9 +335,8 @@ def load_clip_checkpoint(path: str | os.PathLike, *, device: str = "cpu"):
     import open_clip
 
     from xmodal.device import resolve_device
-    from xmodal.fingerprint import model_fingerprint
+    from xmodal.openclip import ClipBundle
     from xmodal.students.clip import create_student, student_transforms
-    from xmodal.teachers.clip import LoadedCLIP
 
     path = Path(path)
     if path.is_dir():
@@ -358,5 +359,5 @@ def load_clip_checkpoint(path: str | os.PathLike, *, device: str = "cpu"):
     train_tf, eval_tf = student_transforms(model)
     tokenizer = open_clip.tokenizer.SimpleTokenizer(
         context_length=model_cfg.get("text_cfg", {}).get("context_length", 77))
-    return LoadedCLIP(model, eval_tf, train_tf, tokenizer, str(run), str(ckpt),
-                      model_fingerprint(model, {"preprocess": preprocess_cfg}))
+    return ClipBundle(model, eval_tf, train_tf, tokenizer, str(run), str(ckpt), model_cfg,
+                      dict(open_clip.get_model_preprocess_cfg(model)))

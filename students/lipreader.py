@@ -16,6 +16,7 @@ from torchvision.models.resnet import BasicBlock
 
 import xmodal.adapters.speech  # noqa: F401  (registers the video adapters with the student)
 from xmodal.errors import ConfigError
+from xmodal.models import register_student
 from xmodal.nn.recognizer import TEMPORAL_ENCODERS, SequenceRecognizer, register_recognizer
 from xmodal.registry import suggest
 
@@ -92,6 +93,7 @@ class VisualFrontend(nn.Module):
         return out
 
 
+@register_student("lipreader", family="speech", accepts=lambda cfg: isinstance(cfg, LipReaderConfig))
 @register_recognizer("lipreader", LipReaderConfig)
 class LipReader(SequenceRecognizer):
     """Lip reader over grayscale (or RGB) mouth crops [B, T, C, H, W] with mask [B, T]."""

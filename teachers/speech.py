@@ -7,7 +7,8 @@
 - `load_wav2vec2`: torchaudio wav2vec2 / HuBERT architectures with weights from a local file (nothing is
   downloaded), wrapped as `Wav2Vec2Encoder` (waveform [B, S] + mask → states, mask, CTC logits at 50 Hz).
 
-Both are registered in the teacher registry as "speech" and "wav2vec2".
+Both are teacher kinds of the "speech" family (`xmodal.models.create_teacher`): "speech" and "wav2vec2", loaded
+from a config's `path` (and `params` for wav2vec2) with the job's vocabulary.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from xmodal.data.vocab import BLANK, SOS_EOS
 from xmodal.device import resolve_device
 from xmodal.errors import CheckpointError, ConfigError
 from xmodal.fingerprint import model_fingerprint
+from xmodal.models import config_value, register_teacher
 from xmodal.nn.recognizer import (
     TEMPORAL_ENCODERS,
     EncoderOutput,
@@ -35,9 +37,9 @@ from xmodal.nn.recognizer import (
     load_recognizer,
     register_recognizer,
 )
-from xmodal.registry import Registry, suggest
+from xmodal.registry import Registry, check_kwargs, suggest
 from xmodal.seqalign import lengths_to_mask
-from xmodal.teachers.clip import TEACHERS
+from xmodal.weights import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +127,20 @@ def _freeze(model: nn.Module, frozen: bool) -> nn.Module:
     return model
 
 
-@TEACHERS.register("speech")
 def load_speech_recognizer(path: str | os.PathLike, *, device: str = "cpu", frozen: bool = True) -> SpeechRecognizer:
     """Load an xmodal speech recogniser saved with `save_recognizer` (keys kind, config, model)."""
     model = load_recognizer(path, kind="speech_recognizer")
     model.fingerprint = model_fingerprint(model, {"kind": "speech_recognizer"})
     return _freeze(model.to(resolve_device(device)), frozen)
+
+
+@register_teacher("speech", family="speech")
+def speech_teacher(cfg: Any, *, vocab: Any = None, device: str = "cpu", frozen: bool = True) -> SpeechRecognizer:
+    """Teacher kind "speech": an xmodal recogniser file (`path`, written by `save_recognizer`; log-mel input)."""
+    params = config_value(cfg, "params") or {}
+    if params:
+        raise ConfigError(f"teacher.params {sorted(params)}: a 'speech' teacher file takes no parameters")
+    return load_speech_recognizer(config_value(cfg, "path"), device=device, frozen=frozen)
 
 
 # ---------------------------------------------------------------- wav2vec2 / HuBERT via torchaudio
@@ -227,10 +237,7 @@ class Wav2Vec2Encoder(nn.Module):
 def _read_weights(path: str | os.PathLike) -> Any:
     if not os.path.isfile(path):
         raise CheckpointError(f"wav2vec2 weights file not found: {path} (give a local file; nothing is downloaded)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise CheckpointError(f"{path}: not a readable torch file ({e})") from e
+    return load_weights(path, what="wav2vec2 weights file")
 
 
 def _state_dict_of(obj: Any, path: Any) -> dict[str, Tensor]:
@@ -252,7 +259,6 @@ def save_wav2vec2(model: nn.Module, path: str | os.PathLike, config: Mapping[str
                        "labels": list(labels) if labels is not None else None}, path)
 
 
-@TEACHERS.register("wav2vec2")
 def load_wav2vec2(
     source: str | os.PathLike,
     *,
@@ -331,3 +337,16 @@ def _build_arch(arch: str, state: Mapping[str, Tensor], num_labels: int | None) 
     if num_labels is None and "aux.weight" in state:
         num_labels = int(state["aux.weight"].shape[0])
     return WAV2VEC2_ARCHS.get(arch)(aux_num_out=num_labels)
+
+
+@register_teacher("wav2vec2", family="speech")
+def wav2vec2_teacher(cfg: Any, *, vocab: Any = None, device: str = "cpu", frozen: bool = True) -> Wav2Vec2Encoder:
+    """Teacher kind "wav2vec2": torchaudio wav2vec2/HuBERT from a local `path` (file or architecture name) and
+    `params` (checkpoint, labels, normalize_waveform, ...); CTC logits reordered into the job's vocabulary."""
+    params = dict(config_value(cfg, "params") or {})
+    reserved = {"source", "vocab_tokens", "device", "frozen"} & set(params)
+    if reserved:
+        raise ConfigError(f"teacher.params: {sorted(reserved)} are set by the job; remove them")
+    check_kwargs(load_wav2vec2, params, "teacher.params (kind wav2vec2)")
+    tokens = None if vocab is None else list(vocab.tokens)
+    return load_wav2vec2(config_value(cfg, "path"), vocab_tokens=tokens, device=device, frozen=frozen, **params)

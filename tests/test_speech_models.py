@@ -8,9 +8,9 @@ from xmodal.adapters.speech import AudioAdapter, AudioContextAdapter
 from xmodal.alignment import AlignmentSpace
 from xmodal.data.vocab import CharVocab
 from xmodal.errors import CheckpointError, ConfigError, DataError
+from xmodal.models import create_teacher
 from xmodal.nn.recognizer import save_recognizer
 from xmodal.seqalign import lengths_to_mask
-from xmodal.teachers.clip import TEACHERS
 from xmodal.teachers.speech import (
     WAV2VEC2_ARCHS,
     SpeechRecognizer,
@@ -70,7 +70,7 @@ def test_save_and_load_speech_recognizer(tmp_path):
     model = SpeechRecognizer(tiny_cfg(encoder="transformer")).eval()
     path = tmp_path / "asr.pt"
     save_recognizer(model, path)
-    loaded = TEACHERS.build("speech", path=str(path))
+    loaded = create_teacher({"kind": "speech", "path": str(path)})
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     x = torch.randn(1, 12, 20)
     assert torch.allclose(model(x).ctc_logits, loaded(x).ctc_logits, atol=1e-5)
@@ -102,7 +102,7 @@ def test_wav2vec2_round_trip_from_local_file(tmp_path):
     model = tiny_wav2vec2()
     path = tmp_path / "w2v.pt"
     save_wav2vec2(model, path, W2V_CFG, labels=["-", "|", "E", "T", "A", "'"])
-    enc = TEACHERS.build("wav2vec2", source=str(path))
+    enc = create_teacher({"kind": "wav2vec2", "path": str(path)}, family="speech")
     wave = torch.randn(2, 800)
     mask = lengths_to_mask(torch.tensor([800, 500]), 800)
     states, out_mask, logits = enc(wave, mask)

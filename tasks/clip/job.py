@@ -20,14 +20,17 @@ import torch
 from torch import nn
 
 from xmodal.config import LossSpec, TrainConfig, register_job, to_dict
+from xmodal.data.image_text import read_records
 from xmodal.device import seed_everything
 from xmodal.engine.cache import CacheSource, register_cache_source
 from xmodal.engine.checkpoint import RESUME_AUTO
 from xmodal.engine.ddp import init_distributed
 from xmodal.engine.stages import DONE, Stage, StageRun, train_identity
 from xmodal.errors import CheckpointError, ConfigError, DataError
-from xmodal.fingerprint import hash_json
+from xmodal.fingerprint import data_identity, fingerprint, hash_json
 from xmodal.io import atomic_write_json
+from xmodal.models import create_teacher
+from xmodal.openclip import ClipBundle, bundle_model
 from xmodal.tasks.clip.config import AutoInheritConfig, ClipDistillConfig, DataConfig, TeacherConfig
 from xmodal.tasks.clip.data import PairedViews, View, collate_skipping, same_pipeline
 from xmodal.tasks.clip.models import ClipStudent, ClipTeacher, check_losses
@@ -83,53 +86,17 @@ def paired_dataset(path: Path, views: list[View], cfg: DataConfig) -> PairedView
 # ---------------------------------------------------------------- models
 
 
-@dataclass
-class ClipModel:
-    """An open_clip model with its config, pipelines and tokenizer."""
-
-    model: nn.Module
-    model_cfg: dict
-    preprocess_cfg: dict
-    train_transform: Any
-    eval_transform: Any
-    tokenizer: Any
-
-    def loaded(self, name: str = "student"):
-        """As `LoadedCLIP`, for the evaluators."""
-        from xmodal.fingerprint import model_fingerprint
-        from xmodal.teachers.clip import LoadedCLIP
-
-        return LoadedCLIP(self.model, self.eval_transform, self.train_transform, self.tokenizer, name, None,
-                          model_fingerprint(self.model, self.preprocess_cfg))
+ClipModel = ClipBundle  # the one bundle type of open_clip models: model, transforms, tokenizer, configs, identity
 
 
 def wrap_open_clip(model: nn.Module, model_cfg: dict) -> ClipModel:
     """Pipelines and tokenizer for a model built from a model_cfg (its own image size and context length)."""
-    import open_clip
-
-    from xmodal.students.clip import student_transforms
-
-    train_tf, eval_tf = student_transforms(model)
-    ctx = model_cfg.get("text_cfg", {}).get("context_length", 77)
-    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=ctx)
-    return ClipModel(model, model_cfg, dict(open_clip.get_model_preprocess_cfg(model)), train_tf, eval_tf, tokenizer)
+    return bundle_model(model, model_cfg)
 
 
 def load_clip(spec, device: torch.device) -> ClipModel:
-    """An open_clip model from a name/folder (+ pretrained) or a model_cfg (randomly initialised)."""
-    from xmodal.students.clip import create_student, model_cfg_of
-
-    if spec.model_cfg is not None:
-        model_cfg = copy.deepcopy(spec.model_cfg)
-        return wrap_open_clip(create_student(model_cfg, device=device), model_cfg)
-    from xmodal.teachers.clip import load_open_clip
-
-    loaded = load_open_clip(spec.model, spec.pretrained, device=str(device), frozen=False)
-    import open_clip
-
-    return ClipModel(loaded.model, model_cfg_of(spec.model, spec.pretrained),
-                     dict(open_clip.get_model_preprocess_cfg(loaded.model)), loaded.preprocess_train,
-                     loaded.preprocess, loaded.tokenizer)
+    """An open_clip model from a name/folder (+ pretrained) or a model_cfg (randomly initialised), trainable."""
+    return create_teacher(spec, kind="open_clip", device=device, frozen=False)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -246,7 +213,8 @@ def obtain_teacher(cfg: TeacherConfig, paths: DataPaths, data_cfg: DataConfig, r
                         "it will teach noise. Give pretrained weights or a teacher.train block")
         return teacher
     settings = {k: v for k, v in to_dict(cfg).items() if k != "cache"}  # where outputs are cached is not the teacher
-    key = hash_json({"teacher": settings, "data": str(paths.train), "size": paths.train.stat().st_size})
+    data = data_identity({"train": paths.train}, media=[r.image for r in read_records(paths.train)])
+    key = hash_json({"teacher": settings, "data": data.digest})  # the data's content, not its name or size
     folder = run_dir / "teacher" / key  # one folder per settings: a changed teacher never meets old checkpoints
     export_dir = folder / "open_clip"
     from xmodal.tasks.clip.config import ClipModelConfig
@@ -454,5 +422,7 @@ def cache_source(cfg: ClipDistillConfig) -> CacheSource:
     teacher = obtain_teacher(cfg.teacher, paths, cfg.data, Path(cfg.run_dir), device)
     fn = ClipTeacher(teacher.model, extra=teacher.preprocess_cfg)
     dataset = paired_dataset(paths.train, [View(teacher.eval_transform, teacher.tokenizer)], cfg.data)
-    return CacheSource(fn, dataset, fn.fingerprint, collate_fn=collate_skipping, batch_size=cfg.train.batch_size,
-                       out_dir=cfg.teacher.cache, meta={"data": str(paths.train)})
+    data = data_identity({"train": paths.train}, media=[r.image for r in read_records(paths.train)])
+    return CacheSource(fn, dataset, fingerprint(fn.fingerprint, data=data), collate_fn=collate_skipping,
+                       batch_size=cfg.train.batch_size, out_dir=cfg.teacher.cache, meta={"data": str(paths.train)},
+                       data=data)

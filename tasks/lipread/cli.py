@@ -37,7 +37,9 @@ def load_for_eval(path: str | os.PathLike) -> tuple[Any, dict]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise CheckpointError(f"{path}: not a readable torch file ({e})") from e
+        from xmodal.weights import safe_cause, weights_error
+
+        raise weights_error(path, e, "checkpoint") from safe_cause(e)
     if isinstance(ckpt, dict) and "kind" in ckpt:
         return load_recognizer(path, return_meta=True)
     if isinstance(ckpt, dict) and "step" in ckpt and isinstance(ckpt.get("config"), dict):

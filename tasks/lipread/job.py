@@ -31,10 +31,10 @@ from xmodal.device import resolve_device, seed_everything
 from xmodal.engine.cache import CacheSource, register_cache_source
 from xmodal.errors import ConfigError
 from xmodal.features import Features
-from xmodal.fingerprint import hash_json, model_fingerprint
+from xmodal.fingerprint import DataIdentity, data_identity, hash_json
 from xmodal.io import atomic_write_json
+from xmodal.models import create_teacher
 from xmodal.nn.recognizer import SequenceRecognizer, load_recognizer, save_recognizer
-from xmodal.registry import Registry, check_kwargs
 from xmodal.tasks.lipread.config import LipreadDataConfig, LipreadDistillConfig, SpeechTeacherConfig
 from xmodal.tasks.lipread.evaluate import evaluate_lipreading
 
@@ -173,34 +173,22 @@ def teacher_recipe(cfg: SpeechTeacherConfig) -> dict:
     return {k: v for k, v in to_dict(cfg).items() if k != "cache"}
 
 
+def teacher_data_identity(data: LipreadDataConfig, paths: Manifests) -> DataIdentity:
+    """What the teacher sees of the data: the training manifest's content, its audio files (path, size, time),
+    its transcripts and the vocabulary (`xmodal.fingerprint`): any change trains or caches the teacher anew."""
+    from xmodal.data.av import read_av_manifest
+
+    records = read_av_manifest(paths.train)
+    return data_identity({"train": paths.train}, media=[str(r.audio) for r in records if r.audio is not None],
+                         transcripts=[[r.id, r.transcript] for r in records], vocab=data.vocab)
+
+
 def teacher_folder(cfg: SpeechTeacherConfig, data: LipreadDataConfig, paths: Manifests, run_dir: Path) -> Path:
-    """`run_dir/teacher/<settings hash>`: one folder per recipe, so a changed teacher never meets old checkpoints."""
-    key = hash_json({"teacher": teacher_recipe(cfg), "audio": to_dict(data.audio), "vocab": data.vocab,
-                     "train": str(paths.train), "size": paths.train.stat().st_size})
+    """`run_dir/teacher/<settings hash>`: one folder per recipe and data (by content, not by name or size), so a
+    changed teacher or training set never meets old checkpoints."""
+    key = hash_json({"teacher": teacher_recipe(cfg), "audio": to_dict(data.audio),
+                     "data": teacher_data_identity(data, paths).digest})
     return run_dir / "teacher" / key
-
-
-SPEECH_TEACHERS: Registry = Registry("speech teacher kind")  # teacher.kind → loader(cfg, vocab) of teacher.path
-
-
-@SPEECH_TEACHERS.register("speech")
-def load_speech_teacher(cfg: SpeechTeacherConfig, vocab: CharVocab) -> nn.Module:
-    """An xmodal speech recogniser file written by `save_recognizer` (log-mel input)."""
-    if cfg.params:
-        raise ConfigError(f"teacher.params {sorted(cfg.params)}: a 'speech' teacher file takes no parameters")
-    return load_recognizer(cfg.path, kind="speech_recognizer")
-
-
-@SPEECH_TEACHERS.register("wav2vec2")
-def load_wav2vec2_teacher(cfg: SpeechTeacherConfig, vocab: CharVocab) -> nn.Module:
-    """torchaudio wav2vec2/HuBERT with local weights (waveform input); CTC logits reordered into `vocab`."""
-    from xmodal.teachers.speech import load_wav2vec2
-
-    reserved = {"source", "vocab_tokens", "device", "frozen"} & set(cfg.params)
-    if reserved:
-        raise ConfigError(f"teacher.params: {sorted(reserved)} are set by the job; remove them")
-    check_kwargs(load_wav2vec2, cfg.params, "teacher.params (kind wav2vec2)")
-    return load_wav2vec2(cfg.path, vocab_tokens=vocab.tokens, frozen=True, **cfg.params)
 
 
 def check_teacher_fits(model: nn.Module, cfg: LipreadDistillConfig, vocab: CharVocab, teacher_context: bool) -> None:
@@ -223,7 +211,7 @@ def obtain_teacher(cfg: SpeechTeacherConfig, data: LipreadDataConfig, paths: Man
                    run_dir: Path, eval_cfg, device: torch.device) -> nn.Module:
     """The teacher recogniser: loaded from `path` by `kind`, or trained on the training audio (and reused later)."""
     if cfg.path is not None:
-        return SPEECH_TEACHERS.get(cfg.kind)(cfg, vocab)
+        return create_teacher(cfg, family="speech", vocab=vocab)  # teacher.kind: speech, wav2vec2, ...
     from xmodal.data.av import collate_av
     from xmodal.engine import Distiller
     from xmodal.losses import build_losses
@@ -266,13 +254,16 @@ def obtain_teacher(cfg: SpeechTeacherConfig, data: LipreadDataConfig, paths: Man
     return model.eval()
 
 
-def teacher_fingerprint(model: nn.Module, cfg: LipreadDistillConfig) -> str:
-    """The teacher's identity for checkpoints and caches: weights, audio features and whether context is used
-    (plus the loader's own identity when it has one, e.g. a wav2vec2 label map)."""
+def teacher_fingerprint(model: nn.Module, cfg: LipreadDistillConfig, paths: Manifests) -> str:
+    """The teacher's identity for checkpoints and caches (`xmodal.fingerprint.fingerprint`): weights, audio
+    features, whether context is used (plus the loader's own identity when it has one, e.g. a wav2vec2 label
+    map), and the data it runs on (`teacher_data_identity`)."""
+    from xmodal.fingerprint import fingerprint
+
     extra = {"audio": to_dict(cfg.data.audio), "context": uses_context(cfg.losses)[1]}
     if getattr(model, "fingerprint", None) is not None:
         extra["loader"] = model.fingerprint
-    return model_fingerprint(model, extra)
+    return fingerprint(model, extra, data=teacher_data_identity(cfg.data, paths))
 
 
 @register_cache_source("lipread_distill")
@@ -294,8 +285,9 @@ def cache_source(cfg: LipreadDistillConfig) -> CacheSource:
     dataset = av_dataset(paths.train, cfg.data, vocab, video=False, audio=True, train=False)
     from xmodal.data.av import collate_av
 
-    return CacheSource(teacher, dataset, teacher_fingerprint(model, cfg), collate_fn=collate_av,
-                       batch_size=cfg.train.batch_size, out_dir=cfg.teacher.cache, meta={"data": str(paths.train)})
+    return CacheSource(teacher, dataset, teacher_fingerprint(model, cfg, paths), collate_fn=collate_av,
+                       batch_size=cfg.train.batch_size, out_dir=cfg.teacher.cache, meta={"data": str(paths.train)},
+                       data=teacher_data_identity(cfg.data, paths))
 
 
 # ---------------------------------------------------------------- the job
@@ -329,7 +321,7 @@ def run(cfg: LipreadDistillConfig) -> dict[str, Any]:
         check_teacher_fits(teacher_model, cfg, vocab, t_ctx)
         teacher_model.eval().requires_grad_(False)
         teacher = RecognizerModule(teacher_model, "audio", context=t_ctx, frozen=True)
-        fingerprint = teacher_fingerprint(teacher_model, cfg)
+        fingerprint = teacher_fingerprint(teacher_model, cfg, paths)
         teacher_file = Path(cfg.teacher.path) if cfg.teacher.path is not None else (
             teacher_folder(cfg.teacher, cfg.data, paths, run_dir) / "speech_recognizer.pt")
     elif any(s.name.startswith(("libs", "ctc_kd")) for s in cfg.losses if s.weight):

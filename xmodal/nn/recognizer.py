@@ -254,7 +254,9 @@ def load_recognizer(path: str | os.PathLike, kind: str | None = None, map_locati
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise CheckpointError(f"{path}: not a readable torch file ({e})") from e
+        from xmodal.weights import safe_cause, weights_error
+
+        raise weights_error(path, e, "model file") from safe_cause(e)
     if not isinstance(ckpt, dict) or not {"config", "model"} <= set(ckpt):
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path}: expected a model file with keys 'kind', 'config', 'model', got {keys}")
