@@ -286,3 +286,18 @@ def test_unnormalised_scores_that_overflow_are_an_error():
     images, texts, mapping = random_data(num_images=20, seed=4)
     with pytest.raises(DataError, match="overflow fp32"):
         first_positive_ranks(images * 1e20, texts * 1e20, mapping, normalize=False)
+
+
+def test_too_many_near_ties_fall_back_to_a_second_pass(monkeypatch):
+    from xmodal.tasks.retrieval import metrics
+
+    images, texts, mapping, _ = duplicated_images(num_images=300, copies=60)
+    expected = first_positive_ranks(images, texts, mapping, block_bytes=4 * 64 * 100)
+    monkeypatch.setattr(metrics, "_BAND_CAP", 0)  # any kept near-tie overflows the buffer
+    calls = []
+    second = metrics._count_with_exact_thresholds
+    monkeypatch.setattr(metrics, "_count_with_exact_thresholds", lambda *a, **k: calls.append(k) or second(*a, **k))
+    ranks = first_positive_ranks(images, texts, mapping, block_bytes=4 * 64 * 100)
+    assert calls and calls[0]["texts_needed"]  # the duplicated images tie in the text→image direction
+    np.testing.assert_array_equal(ranks.text_to_image, expected.text_to_image)
+    np.testing.assert_array_equal(ranks.image_to_text, expected.image_to_text)

@@ -150,9 +150,8 @@ class _Band:
         self.kept = 0
         self.overflow = False
 
-    def count(
-        self, s: Tensor, mask: Tensor, lo: Tensor, hi: Tensor, ones: Tensor, axis: int
-    ) -> tuple[Tensor, Tensor]:
+    @staticmethod
+    def count(s: Tensor, mask: Tensor, lo: Tensor, hi: Tensor, ones: Tensor, axis: int) -> tuple[Tensor, Tensor]:
         """Per query of this tile (rows: axis 1, columns: axis 0): how many scores lie in [lo, hi], how many above."""
         reduce = (lambda m: torch.mv(m, ones)) if axis == 1 else (lambda m: torch.mv(m.T, ones))
         torch.ge(s, lo, out=mask)
@@ -164,8 +163,9 @@ class _Band:
     def keep(self, queries: Tensor, scores: Tensor) -> None:
         self.kept += int(queries.numel())
         if self.kept > _BAND_CAP:
-            self.overflow = True
-            self.queries.clear(), self.scores.clear()
+            self.overflow = True  # finish() will ask for a second pass; stop holding memory
+            self.queries.clear()
+            self.scores.clear()
         elif not self.overflow:
             self.queries.append(queries)
             self.scores.append(scores)
