@@ -1,0 +1,72 @@
+"""`xmodal data pseudo-label`: a speech teacher transcribes a manifest's unlabelled clips; confident transcripts
+become their labels in a new manifest (see `xmodal.data.pseudo`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from xmodal.commands import register_command
+
+
+def _param(text: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, yaml.safe_load(value)
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("manifest", type=Path, help="JSON-lines manifest with audio paths")
+    p.add_argument("--out", required=True, type=Path, help="manifest to write (a sidecar OUT.json keeps the counts)")
+    p.add_argument("--teacher", required=True, type=Path, help="teacher model (for whisper: a transformers folder)")
+    p.add_argument("--kind", default="whisper", help="teacher kind that can transcribe (default whisper)")
+    p.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE",
+                   help="teacher parameter, e.g. language=en (repeatable)")
+    p.add_argument("--min-avg-logprob", type=float, default=-1.0,
+                   help="keep transcripts whose mean token log-probability is at least this (default -1.0)")
+    p.add_argument("--max-compression-ratio", type=float, default=2.4,
+                   help="drop repetitive transcripts above this zlib compression ratio (default 2.4)")
+    p.add_argument("--vocab", default=None,
+                   help="the student's vocabulary (characters or a .model file): transcripts it cannot spell are "
+                        "dropped (default: the lip job's character vocabulary)")
+    p.add_argument("--relabel", action="store_true", help="transcribe every clip, not only the unlabelled ones")
+    p.add_argument("--batch-size", type=int, default=8, help="clips per teacher batch (default 8)")
+    p.add_argument("--sample-rate", type=int, default=None, help="audio rate (default: the teacher's)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when present)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from xmodal.data.pseudo import ConfidenceFilter, pseudo_label_manifest
+    from xmodal.data.vocab import CharVocab, load_vocab
+    from xmodal.errors import ConfigError
+    from xmodal.models import create_teacher
+
+    teacher = create_teacher({"kind": args.kind, "path": str(args.teacher), "params": dict(args.param)},
+                             family="speech", device=args.device)
+    transcribe = getattr(teacher, "transcribe", None)
+    if transcribe is None:
+        raise ConfigError(f"teacher kind '{args.kind}' cannot transcribe; pseudo-labels need one that can "
+                          "(e.g. whisper)")
+    rate = args.sample_rate or getattr(teacher, "sample_rate", None)
+    if rate is None:
+        raise ConfigError(f"teacher kind '{args.kind}' does not say its sample rate; pass --sample-rate")
+    vocab = load_vocab(args.vocab) if args.vocab else CharVocab()
+    filt = ConfidenceFilter(args.min_avg_logprob, args.max_compression_ratio)
+    record = pseudo_label_manifest(args.manifest, args.out, transcribe, sample_rate=int(rate),
+                                   teacher=getattr(teacher, "fingerprint", args.kind), filt=filt, vocab=vocab,
+                                   batch_size=args.batch_size, relabel=args.relabel, progress=not args.no_progress)
+    state = "up to date" if record["reused"] else "written"
+    print(f"{args.out}: {state}; {record['asked']} of {record['clips']} clips asked: {record['summary']}")
+    return 0
+
+
+register_command(
+    "data pseudo-label",
+    "label unlabelled clips with a speech teacher's confident transcripts (e.g. Whisper)",
+    configure,
+    run,
+)
