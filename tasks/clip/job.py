@@ -75,11 +75,12 @@ def resolve_data(cfg: DataConfig) -> DataPaths:
     return paths
 
 
-def paired_dataset(path: Path, views: list[View], cfg: DataConfig) -> PairedViews:
+def paired_dataset(path: Path, views: list[View], cfg: DataConfig, seed: int = 0) -> PairedViews:
+    """The training pairs in each model's pipeline; caption choice and augmentation follow (seed, key, epoch)."""
     from xmodal.data.image_text import ImageTextDataset
 
     base = ImageTextDataset(path, transform=None, tokenizer=None, on_error=cfg.on_error,
-                            caption_sampling=cfg.caption_sampling)
+                            caption_sampling=cfg.caption_sampling, seed=seed)
     return PairedViews(base, views)
 
 
@@ -187,10 +188,9 @@ def train_clip(clip_model: ClipModel, paths: DataPaths, data_cfg: DataConfig, tr
 
         dim = clip_embed_dim(clip_model.model)
     student = ClipStudent(clip_model.model, dim, projection).to(device)
-    dataset = paired_dataset(paths.train, views, data_cfg)
     if teacher_cache is not None:
         views = views[:1]  # the cache replaces the teacher's inputs
-        dataset = paired_dataset(paths.train, views, data_cfg)
+    dataset = paired_dataset(paths.train, views, data_cfg, seed=train.seed)
     distiller = Distiller(student, build_losses(losses), dataset, train, run_dir,
                           teacher=teacher_cache if teacher_cache is not None else teacher_fn,
                           evaluator=evaluator, config=config, teacher_fingerprint=fingerprint, resume=resume,
@@ -287,7 +287,7 @@ def training_batches(model: ClipModel, paths: DataPaths, data_cfg: DataConfig, b
     """Endless training batches in `model`'s own pipeline, on `device`; the same batches in every process."""
     from xmodal.engine import BatchStream, to_device
 
-    dataset = paired_dataset(paths.train, [View(model.train_transform, model.tokenizer)], data_cfg)
+    dataset = paired_dataset(paths.train, [View(model.train_transform, model.tokenizer)], data_cfg, seed=seed)
     for batch in BatchStream(dataset, global_batch=batch_size, seed=seed, collate_fn=collate_skipping):
         yield to_device(batch, device)
 
