@@ -66,3 +66,28 @@ def test_training_uses_train_seed_for_the_data(tmp_path, monkeypatch):
                             TrainConfig(steps=1, batch_size=4, seed=7), tmp_path / "run", losses=[LossSpec("clip")],
                             device=torch.device("cpu"))
     assert seen == [7]
+
+
+def test_a_cache_built_for_one_train_file_is_refused_for_another(tmp_path, capsys):
+    """Training checks the cache against its own data: a cache of train.csv does not teach from other.csv (the
+    cache's recorded files are unchanged, so only the run's data-aware teacher fingerprint can tell)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_teacher_cache import clip_config
+
+    from xmodal.cli import main
+
+    cache = tmp_path / "cache"
+    assert main(["cache", str(clip_config(tmp_path)), "--out", str(cache), "--no-progress"]) == 0
+    train = tmp_path / "data" / "train.csv"
+    lines = train.read_text().splitlines()
+    other = tmp_path / "data" / "other.csv"
+    other.write_text("\n".join([lines[0], *lines[1:][::-1][:-1], lines[1] + " again"]) + "\n")
+    cfg = clip_config(tmp_path, "cached.yaml", cache=cache)
+    first = "  caption_sampling: first\n"
+    cfg.write_text(cfg.read_text().replace(first, first + "  train: other.csv\n"))
+    capsys.readouterr()
+    assert main(["distill", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"teacher cache {cache}" in err and "xmodal cache" in err

@@ -75,6 +75,11 @@ def resolve_data(cfg: DataConfig) -> DataPaths:
     return paths
 
 
+def train_data_identity(paths: DataPaths):
+    """What the teacher's outputs depend on besides the teacher: the training file's content and its images."""
+    return data_identity({"train": paths.train}, media=[r.image for r in read_records(paths.train)])
+
+
 def paired_dataset(path: Path, views: list[View], cfg: DataConfig, seed: int = 0) -> PairedViews:
     """The training pairs in each model's pipeline; caption choice and augmentation follow (seed, key, epoch)."""
     from xmodal.data.image_text import ImageTextDataset
@@ -171,7 +176,7 @@ def train_clip(clip_model: ClipModel, paths: DataPaths, data_cfg: DataConfig, tr
 
     views = [View(clip_model.train_transform, clip_model.tokenizer)]
     teacher_fn = None
-    fingerprint = None
+    teacher_fp = None
     if teacher is not None:
         t_view = View(teacher.eval_transform, teacher.tokenizer)
         if not same_pipeline(t_view.transform, views[0].transform):
@@ -181,7 +186,7 @@ def train_clip(clip_model: ClipModel, paths: DataPaths, data_cfg: DataConfig, tr
         if (t_view.image_key, t_view.text_key) != ("image", "text"):
             views.append(t_view)
         teacher_fn = ClipTeacher(teacher.model, t_view.image_key, t_view.text_key, extra=teacher.preprocess_cfg)
-        fingerprint = teacher_fn.fingerprint
+        teacher_fp = fingerprint(teacher_fn.fingerprint, data=train_data_identity(paths))
         dim = teacher_fn.dim
     else:
         from xmodal.adapters import clip_embed_dim
@@ -193,7 +198,7 @@ def train_clip(clip_model: ClipModel, paths: DataPaths, data_cfg: DataConfig, tr
     dataset = paired_dataset(paths.train, views, data_cfg, seed=train.seed)
     distiller = Distiller(student, build_losses(losses), dataset, train, run_dir,
                           teacher=teacher_cache if teacher_cache is not None else teacher_fn,
-                          evaluator=evaluator, config=config, teacher_fingerprint=fingerprint, resume=resume,
+                          evaluator=evaluator, config=config, teacher_fingerprint=teacher_fp, resume=resume,
                           collate_fn=collate_skipping)
     from xmodal.distributed import is_main_process
     from xmodal.students.export import write_student_config
@@ -422,7 +427,7 @@ def cache_source(cfg: ClipDistillConfig) -> CacheSource:
     teacher = obtain_teacher(cfg.teacher, paths, cfg.data, Path(cfg.run_dir), device)
     fn = ClipTeacher(teacher.model, extra=teacher.preprocess_cfg)
     dataset = paired_dataset(paths.train, [View(teacher.eval_transform, teacher.tokenizer)], cfg.data)
-    data = data_identity({"train": paths.train}, media=[r.image for r in read_records(paths.train)])
+    data = train_data_identity(paths)
     return CacheSource(fn, dataset, fingerprint(fn.fingerprint, data=data), collate_fn=collate_skipping,
                        batch_size=cfg.train.batch_size, out_dir=cfg.teacher.cache, meta={"data": str(paths.train)},
                        data=data)
