@@ -29,6 +29,9 @@ class CenterPointLoss(DistillLoss):
     def needs(self) -> list[Need]:
         return [Need("student", self.key, "logits"), Need("student", self.box_key, "tokens")]
 
+    def batch_keys(self) -> list[str]:
+        return ["boxes", "box_labels", "box_mask", "bev_grid"]
+
     def forward(self, student: Outputs, teacher: Outputs | None = None, batch: Mapping | None = None) -> LossOutput:
         boxes, mask, grid = batch_boxes(batch, f"loss '{self.name}'")
         if "box_labels" not in batch:

@@ -38,6 +38,8 @@ from xmodal.nn.bev import (
     tokens_to_map,
 )
 
+BOX_KEYS = ("boxes", "box_mask", "bev_grid")
+
 
 def mean_over_boxes(per_box: Tensor, mask: Tensor) -> Tensor:
     """Mean of per-box values [B, N] over the real boxes; 0 (attached to the graph) when there are none."""
@@ -54,6 +56,9 @@ class _BoxLoss(DistillLoss):
 
     def needs(self) -> list[Need]:
         return [Need(role, self.key, "tokens") for role in ("student", "teacher")]
+
+    def batch_keys(self) -> list[str]:
+        return list(BOX_KEYS)
 
     def maps(self, student: Outputs, teacher: Outputs | None, batch: Mapping | None) -> tuple[Tensor, Tensor, Tensor,
                                                                                                Tensor, object]:
@@ -128,6 +133,9 @@ class UniDistillResponse(DistillLoss):
     def needs(self) -> list[Need]:
         return [Need(role, k, f) for role in ("student", "teacher")
                 for k, f in ((self.key, "logits"), (self.box_key, "tokens"))]
+
+    def batch_keys(self) -> list[str]:
+        return list(BOX_KEYS)
 
     def masks(self, boxes: Tensor, grid) -> Tensor:
         """[B, N, H·W] Gaussian weights around each box centre (padding boxes are dropped by the caller)."""
