@@ -6,7 +6,7 @@ recover the way a user would, and compare the recovered result with an uninterru
     python benchmarks/bench_kill.py --quick               # 5 kills per command, one reference run each
 
 Commands, on tiny configs written into the work folder (synthetic data, a few training steps, a checkpoint every
-2 steps, OMP_NUM_THREADS=1 in every child):
+2 steps, OMP_NUM_THREADS=1 in every child; `--jobs` kills run side by side, each in its own folder):
 
 - `distill-clip`: `xmodal distill clip.yaml`: trains the teacher in the job, then a half-size student. Recovered
   with `--resume latest` (a plain re-run when the kill came before the student's first checkpoint).
@@ -26,6 +26,8 @@ For every kill:
 - temps: temporary files and folders (`.NAME.*.tmp`, `.NAME.tmp`, `.trash.*`), after the kill (a killed writer
   cannot clean up) and after recovery (there should be none). `.lock` files are flock locks, not counted.
 - finished: the recovery command exits 0.
+- reference: each command also runs uninterrupted twice (the second time in another folder); a difference
+  between those two means bit-exact recovery cannot be expected (the command itself is not reproducible).
 - bit-exact: distill: every tensor of the final checkpoint's model (weights and buffers, BatchNorm running
   statistics included) and loss state equals the uninterrupted reference run's; cache: the manifest's
   fingerprint, fields and shards (rows, sizes, checksums); eval: the metrics and the stored embeddings.
@@ -37,6 +39,7 @@ import argparse
 import hashlib
 import json
 import os
+import queue
 import random
 import re
 import shutil
@@ -46,6 +49,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -371,8 +375,14 @@ def distill_recovery(config: Path) -> Callable[[Path], tuple[str, list[str]]]:
     return recover
 
 
-def make_commands(work: Path) -> dict[str, Command]:
-    trial, data, configs = work / "trial", work / "data", work / "configs"
+def slot_folder(work: Path, slot: int) -> Path:
+    """Trials run side by side, each in its own slot: `slot<N>/configs` and `slot<N>/trial`."""
+    return work / f"slot{slot}"
+
+
+def make_commands(work: Path, slot: int = 0) -> dict[str, Command]:
+    here, data = slot_folder(work, slot), work / "data"
+    trial, configs = here / "trial", here / "configs"
     clip, lip = configs / "clip.yaml", configs / "lipread.yaml"
     ref_clip_run = work / "ref" / "distill-clip" / "run"
     cache = xmodal("cache", str(clip), "--out", str(trial / "cache"), "--shard-size", "16", "--no-progress")
@@ -398,15 +408,29 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def start(argv: list[str], out) -> subprocess.Popen:
+    """A child in its own process group (so a kill reaches its workers too)."""
+    return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=child_env(), cwd=ROOT,
+                            start_new_session=True)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def run_to_end(argv: list[str], log: Path, timeout: float | None = None) -> tuple[int, float]:
-    """Run a command to completion (output to `log`); (exit code, seconds)."""
+    """Run a command to completion (output to `log`); (exit code, -1 on timeout; seconds)."""
     t0 = time.perf_counter()
     with open(log, "ab") as out:
+        proc = start(argv, out)
         try:
-            code = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, env=child_env(), cwd=ROOT,
-                                  timeout=timeout).returncode
+            code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             code = -1
+        finally:
+            kill_group(proc)  # on timeout, and when this script is interrupted
     return code, time.perf_counter() - t0
 
 
@@ -417,24 +441,26 @@ def has_files(root: Path) -> bool:
 def run_and_watch(
     argv: list[str], log: Path, trial: Path, kill_after: float | None = None
 ) -> tuple[int | None, float, float | None]:
-    """Run in its own process group; SIGKILL the group after `kill_after` s (None: let it finish).
+    """Run in its own process group; SIGKILL the group `kill_after` s after its first file appeared in `trial`
+    (None: let it finish). Start-up time varies with machine load; the time spent writing varies less.
 
     Returns (exit code, or None when killed; seconds; when the first file appeared in `trial`).
     """
     first = None
     t0 = time.perf_counter()
     with open(log, "ab") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=child_env(), cwd=ROOT,
-                                start_new_session=True)
-        while proc.poll() is None:
-            now = time.perf_counter() - t0
-            if first is None and kill_after is None and has_files(trial):
-                first = now
-            if kill_after is not None and now >= kill_after:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                return None, now, first
-            time.sleep(0.02)
+        proc = start(argv, out)
+        try:
+            while proc.poll() is None:
+                now = time.perf_counter() - t0
+                if first is None and has_files(trial):
+                    first = now
+                if kill_after is not None and first is not None and now >= first + kill_after:
+                    kill_group(proc)
+                    return None, now, first
+                time.sleep(0.02)
+        finally:
+            kill_group(proc)  # when this script is interrupted
     return proc.returncode, time.perf_counter() - t0, first
 
 
@@ -444,7 +470,7 @@ def run_and_watch(
 @dataclass
 class Trial:
     command: str
-    at: float
+    at: float  # seconds after the command's first file appeared
     after_kill: Findings
     how: str = ""
     code: int | None = None
@@ -477,9 +503,11 @@ def fresh(folder: Path) -> None:
     folder.mkdir(parents=True)
 
 
-def reference_run(cmd: Command, work: Path, logs: Path, repeat: bool) -> Reference:
-    """The uninterrupted run, moved to ref/<key>; with `repeat`, a second one compared with it."""
-    trial, ref = work / "trial", work / "ref" / cmd.key
+def reference_run(cmds: list[dict[str, Command]], key: str, work: Path, logs: Path, repeat: bool) -> Reference:
+    """The uninterrupted run (in slot 0), moved to ref/<key>; with `repeat`, a second one (in the last slot, so
+    another folder when there are several) compared with it."""
+    cmd = cmds[0][key]
+    trial, ref = slot_folder(work, 0) / "trial", work / "ref" / key
     fresh(trial)
     log = logs / f"{cmd.key}-reference.log"
     code, seconds, first = run_and_watch(cmd.run(trial), log, trial)
@@ -491,27 +519,29 @@ def reference_run(cmd: Command, work: Path, logs: Path, repeat: bool) -> Referen
     shutil.move(str(trial), str(ref))
     result = Reference(seconds, first if first is not None else 0.0)
     if repeat:
+        cmd = cmds[-1][key]
+        trial = slot_folder(work, len(cmds) - 1) / "trial"
         fresh(trial)
-        code, _, _ = run_and_watch(cmd.run(trial), logs / f"{cmd.key}-reference2.log", trial)
+        code, _, _ = run_and_watch(cmd.run(trial), logs / f"{key}-reference2.log", trial)
         result.repeat_differences = cmd.compare(trial, ref) if code == 0 else [f"exit {code}"]
     return result
 
 
-def kill_trial(cmd: Command, work: Path, logs: Path, ref: Reference, rng: random.Random, index: int) -> Trial | None:
-    """Start the command, SIGKILL it at a random moment while it writes, check, recover, check, compare."""
-    trial = work / "trial"
+def kill_trial(cmd: Command, work: Path, slot: int, logs: Path, ref: Reference, fraction: float,
+               index: int) -> Trial | None:
+    """Start the command, SIGKILL it `fraction` of the way through its writing, check, recover, check, compare."""
+    trial = slot_folder(work, slot) / "trial"
     log = logs / f"{cmd.key}-{index:03d}.log"
-    hi = ref.seconds
-    for _ in range(4):  # a run that finishes before its kill moment is tried again, sooner
+    writing = max(0.1, ref.seconds - ref.first_write)
+    for _ in range(4):  # a run that finishes before its kill moment is tried again, earlier
         fresh(trial)
-        delay = rng.uniform(max(0.0, ref.first_write - 0.3), hi)
-        code, at, _ = run_and_watch(cmd.run(trial), log, trial, kill_after=delay)
+        code, at, first = run_and_watch(cmd.run(trial), log, trial, kill_after=fraction * writing)
         if code is None:
             break
-        hi = max(ref.first_write, 0.8 * at)
+        fraction *= 0.5
     else:
         return None
-    result = Trial(cmd.key, at, check_tree(trial))
+    result = Trial(cmd.key, at - first, check_tree(trial))
     result.how, argv = cmd.recover(trial)
     result.code, _ = run_to_end(argv, log, timeout=max(300.0, 10 * ref.seconds))
     result.after_recovery = check_tree(trial)
@@ -560,21 +590,23 @@ def failure_lines(trials: list[Trial], limit: int = 8) -> list[str]:
             what.append("differs from the uninterrupted run: " + ", ".join(t.differences[:4])
                         + (f" (+{len(t.differences) - 4} more)" if len(t.differences) > 4 else ""))
         if what:
-            lines.append(f"  - killed at {t.at:.2f} s, {t.how}: " + "; ".join(what))
+            lines.append(f"  - killed {t.at:.2f} s after its first file, {t.how}: " + "; ".join(what))
     return lines[:limit] + ([f"  - ... and {len(lines) - limit} more"] if len(lines) > limit else [])
 
 
-def prepare(work: Path, logs: Path) -> None:
-    """Configs, the synthetic scenes (as the CLIP job would write them) and the lip-reading corpus."""
+def prepare(work: Path, logs: Path, slots: int) -> None:
+    """Configs of every slot, the synthetic scenes (as the CLIP job would write them) and the lip-reading corpus."""
     from xmodal.data.scenes import generate_scene_dataset
 
-    configs, data = work / "configs", work / "data"
-    configs.mkdir(parents=True, exist_ok=True)
-    fmt = {"trial": work / "trial", "data": data, **SCENES}
-    (configs / "clip.yaml").write_text(CLIP_CONFIG.format(**fmt))
+    data = work / "data"
+    for slot in range(slots):
+        configs = slot_folder(work, slot) / "configs"
+        configs.mkdir(parents=True, exist_ok=True)
+        fmt = {"trial": slot_folder(work, slot) / "trial", "data": data, **SCENES}
+        (configs / "clip.yaml").write_text(CLIP_CONFIG.format(**fmt))
+        (configs / "lipread.yaml").write_text(LIPREAD_CONFIG.format(**fmt))
     generate_scene_dataset(data / "scenes", SCENES["train"], SCENES["val"], SCENES["test"],
                            image_size=SCENES["image_size"], progress=False)
-    (configs / "lipread.yaml").write_text(LIPREAD_CONFIG.format(**fmt))
     if not (data / "grid" / "train.jsonl").is_file():
         code, _ = run_to_end(xmodal("data", "synth-grid", "--out", str(data / "grid"), "--speakers", "3",
                                     "--utterances", "6", "--roi-size", "32", "--no-progress"), logs / "data.log")
@@ -589,13 +621,15 @@ def main() -> None:
     ap.add_argument("--commands", nargs="+", default=["distill-clip", "distill-lipread", "cache", "eval-retrieval"],
                     choices=["distill-clip", "distill-lipread", "cache", "eval-retrieval"])
     ap.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
+    ap.add_argument("--jobs", type=int, default=2, help="kills run side by side, one core each (default 2)")
     ap.add_argument("--work", help="work folder (default: a new temporary folder, removed at the end)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs, reference runs)")
     ap.add_argument("--no-report", action="store_true", help="print only; do not touch BENCHMARKS.md")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so the running child is killed too
     kills = args.kills if args.kills is not None else (5 if args.quick else 20)
-    if kills < 1:
-        ap.error("--kills must be at least 1")
+    if kills < 1 or args.jobs < 1:
+        ap.error("--kills and --jobs must be at least 1")
 
     work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="xmodal-bench-kill-"))
     logs = work / "logs"
@@ -603,32 +637,45 @@ def main() -> None:
     rng = random.Random(args.seed)
     t_start = time.perf_counter()
     print(f"work folder: {work}", flush=True)
-    prepare(work, logs)
-    commands = make_commands(work)
+    prepare(work, logs, args.jobs)
+    slots = [make_commands(work, slot) for slot in range(args.jobs)]
+    commands = slots[0]
     wanted = [k for k in commands if k in args.commands]
     refs: dict[str, Reference] = {}
     for key in dict.fromkeys(["distill-clip", *wanted]):  # eval needs the reference CLIP run
-        refs[key] = reference_run(commands[key], work, logs, repeat=not args.quick and key in wanted)
+        refs[key] = reference_run(slots, key, work, logs, repeat=not args.quick and key in wanted)
         r = refs[key]
         agree = "" if r.repeat_differences is None else (
             "; a second uninterrupted run agrees bit-exactly" if not r.repeat_differences
             else f"; a second uninterrupted run DIFFERS: {', '.join(r.repeat_differences[:4])}")
         print(f"{key}: uninterrupted run {r.seconds:.1f} s (first file at {r.first_write:.1f} s){agree}", flush=True)
 
-    rows, details, all_trials = [], [], {}
-    for key in wanted:
-        cmd, trials = commands[key], []
-        for i in range(kills):
-            t = kill_trial(cmd, work, logs, refs[key], rng, i)
-            if t is None:
-                print(f"{key} {i + 1}/{kills}: finished before every kill moment; skipped", flush=True)
-                continue
-            trials.append(t)
+    rows, details = [], []
+    free: queue.Queue[int] = queue.Queue()
+    for slot in range(args.jobs):
+        free.put(slot)
+
+    def one(key: str, i: int, fraction: float) -> Trial | None:
+        slot = free.get()
+        try:
+            t = kill_trial(slots[slot][key], work, slot, logs, refs[key], fraction, i)
+        finally:
+            free.put(slot)
+        if t is None:
+            print(f"{key} {i + 1}/{kills}: finished before every kill moment; skipped", flush=True)
+        else:
             state = "bit-exact" if t.bit_exact else ("finished, differs" if t.finished else f"exit {t.code}")
-            print(f"{key} {i + 1}/{kills}: killed at {t.at:.2f} s; {len(t.after_kill.corrupt)} corrupt, "
+            print(f"{key} {i + 1}/{kills}: killed {t.at:.2f} s into writing; {len(t.after_kill.corrupt)} corrupt, "
                   f"{len(t.after_kill.temps)} temps; {t.how}: {state}; temps after: "
                   f"{len(t.after_recovery.temps) if t.after_recovery else '-'}", flush=True)
-        all_trials[key] = trials
+        return t
+
+    for key in wanted:
+        cmd = commands[key]
+        fractions = [rng.random() for _ in range(kills)]  # drawn up front: the same moments whatever the order
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            done = list(pool.map(one, [key] * kills, range(kills), fractions))
+        trials = [t for t in done if t is not None]
         rows.append(summarize(cmd, trials))
         bad = failure_lines(trials)
         if bad:
@@ -637,10 +684,11 @@ def main() -> None:
 
     body = [table(rows)]
     body.append("Each kill: SIGKILL to the command's process group at a moment drawn uniformly over the time an "
-                "uninterrupted run spends writing; then every file left behind is loaded (corrupt), temporary files "
-                "are listed (after the kill, and after recovery), the run is recovered (`--resume latest`, or the "
-                "same command again) and its result compared with the uninterrupted run's (bit-exact: final "
-                "checkpoint weights and buffers, cache shards, retrieval metrics and embeddings).\n")
+                "uninterrupted run spends writing (counted from the first file it makes); then every file left "
+                "behind is loaded (corrupt), temporary files are listed (after the kill, and after recovery), the "
+                "run is recovered (`--resume latest`, or the same command again) and its result compared with the "
+                "uninterrupted run's (bit-exact: final checkpoint weights and buffers, cache shards, retrieval "
+                "metrics and embeddings).\n")
     for key in wanted:
         r = refs[key]
         agree = "not repeated" if r.repeat_differences is None else (
@@ -649,7 +697,8 @@ def main() -> None:
         body.append(f"- {commands[key].label}: uninterrupted run {r.seconds:.1f} s; {agree}")
     if details:
         body.append("\nKills that went wrong:\n\n" + "\n".join(details))
-    body.append(f"\n- wall time: {minutes:.1f} min; kill moments seeded with {args.seed}")
+    body.append(f"\n- wall time: {minutes:.1f} min with {args.jobs} kill(s) side by side; kill moments seeded with "
+                f"{args.seed}")
     text = "\n".join(body) + "\n"
     print("\n" + text)
     if not args.no_report:
