@@ -218,7 +218,7 @@ def obtain_teacher(cfg: TeacherConfig, paths: DataPaths, data_cfg: DataConfig, r
                         "it will teach noise. Give pretrained weights or a teacher.train block")
         return teacher
     settings = {k: v for k, v in to_dict(cfg).items() if k != "cache"}  # where outputs are cached is not the teacher
-    data = data_identity({"train": paths.train}, media=[r.image for r in read_records(paths.train)])
+    data = train_data_identity(paths)
     key = hash_json({"teacher": settings, "data": data.digest})  # the data's content, not its name or size
     folder = run_dir / "teacher" / key  # one folder per settings: a changed teacher never meets old checkpoints
     export_dir = folder / "open_clip"
@@ -230,6 +230,7 @@ def obtain_teacher(cfg: TeacherConfig, paths: DataPaths, data_cfg: DataConfig, r
         return load_clip(exported, device)
     from xmodal.students.export import export_open_clip
 
+    seed_everything(cfg.train.seed)  # the teacher's initial weights follow its own recipe, whoever trains it
     teacher = load_clip(cfg, device)
     log.info("teacher: training %s params contrastively for %d steps", f"{count_parameters(teacher.model):,}",
              cfg.train.steps)
@@ -360,6 +361,7 @@ def run(cfg: ClipDistillConfig) -> dict:
     device = init_distributed(cfg.train.device)  # this process's device (cuda:LOCAL_RANK under torchrun)
     seed_everything(cfg.train.seed)
     run_dir = Path(cfg.run_dir)
+    StageRun.check_resumable(run_dir, cfg.resume)  # before the teacher, which may take long to train
     paths = resolve_data(cfg.data)
     teacher = obtain_teacher(cfg.teacher, paths, cfg.data, run_dir, device)
     teacher.model.eval().requires_grad_(False)

@@ -93,11 +93,20 @@ class StageRun:
         barrier()  # every rank has read the old record before rank 0 replaces it
         self.records = self._merge(previous, list(plan))
         if self.resume_from == RESUME_LATEST and not self._anything_to_resume():
-            raise CheckpointError(
-                f"nothing to resume in {self.run_dir}: no stage has started (no {STAGES_FILE} entry and no "
-                "checkpoint in the stage folders). To start a new run there, leave out --resume (resume: null)"
-            )
+            raise _nothing_to_resume(self.run_dir)
         self._write()
+
+    @staticmethod
+    def check_resumable(run_dir: str | os.PathLike, resume: str | os.PathLike | None) -> None:
+        """Refuse `resume: latest` on a folder where no stage has started, before a job does expensive setup
+        (loading or training its teacher) that the refusal would waste."""
+        if resume is None or str(resume) != RESUME_LATEST:
+            return
+        run_dir = Path(run_dir)
+        folders = [run_dir, *sorted((run_dir / "stages").glob("*"))]
+        if not (run_dir / STAGES_FILE).is_file() and all(
+                CheckpointManager(f / "checkpoints").latest() is None for f in folders):
+            raise _nothing_to_resume(run_dir)
 
     # ------------------------------------------------------------ reading and merging
 
@@ -229,3 +238,10 @@ class StageRun:
 
 
 __all__ = ["DONE", "PENDING", "RUNNING", "STAGES_FILE", "Stage", "StageRecord", "StageRun", "train_identity"]
+
+
+def _nothing_to_resume(run_dir: Path) -> CheckpointError:
+    return CheckpointError(
+        f"nothing to resume in {run_dir}: no stage has started (no {STAGES_FILE} entry and no "
+        "checkpoint in the stage folders). To start a new run there, leave out --resume (resume: null)"
+    )

@@ -1,4 +1,5 @@
-"""The CLIP job's training data follows train.seed: caption choice is a function of (seed, image key, epoch)."""
+"""CLIP job contracts: the data follows train.seed, a cache is checked against the run's data, the in-job teacher
+follows its own recipe, and a resume with nothing to resume fails before any teacher work."""
 
 from pathlib import Path
 
@@ -91,3 +92,43 @@ def test_a_cache_built_for_one_train_file_is_refused_for_another(tmp_path, capsy
     assert main(["distill", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert f"teacher cache {cache}" in err and "xmodal cache" in err
+
+
+def test_in_job_teacher_does_not_depend_on_the_callers_rng(tmp_path):
+    """`xmodal cache` and `xmodal distill` train the same teacher for the same recipe: its initial weights come
+    from teacher.train.seed, not from whatever the global RNG held (two cache builds used to differ)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_teacher_cache import clip_config
+
+    from xmodal.config import load_job_config
+    from xmodal.fingerprint import model_fingerprint
+
+    _, cfg = load_job_config(clip_config(tmp_path, teacher_train=True))
+    paths = clip_job.resolve_data(cfg.data)
+    weights = []
+    for i, rng_seed in enumerate((1, 2)):
+        torch.manual_seed(rng_seed)
+        teacher = clip_job.obtain_teacher(cfg.teacher, paths, cfg.data, tmp_path / f"run{i}", torch.device("cpu"))
+        weights.append(model_fingerprint(teacher.model))
+    assert weights[0] == weights[1]
+
+
+def test_resume_with_nothing_to_resume_fails_before_the_teacher(tmp_path, monkeypatch):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_teacher_cache import clip_config
+
+    from xmodal.config import JOBS, load_job_config
+    from xmodal.errors import CheckpointError
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher was loaded or trained before the resume was refused")
+
+    monkeypatch.setattr(clip_job, "obtain_teacher", no_teacher)
+    name, cfg = load_job_config(clip_config(tmp_path, teacher_train=True))
+    cfg.resume = "latest"
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        JOBS.get(name).run(cfg)
