@@ -240,18 +240,14 @@ def strip_prefix(state: Mapping[str, Tensor], expected: set[str], prefix: str | 
 
 
 def load_run_checkpoint(path: str | os.PathLike) -> dict:
+    """A run's checkpoint (or a file holding a state dict), checksum verified (`load_checkpoint`): a damaged or
+    unsafe file is refused naming it."""
+    from xmodal.engine.checkpoint import load_checkpoint
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} (pass --checkpoint PATH or check the run folder)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any unpickling failure means an unusable file
-        from xmodal.weights import safe_cause, weights_error
-
-        raise weights_error(path, e, "checkpoint") from safe_cause(e)
-    if not isinstance(ckpt, Mapping):
-        raise CheckpointError(f"{path}: expected a checkpoint dict with a 'model' state dict")
-    return dict(ckpt)
+    return dict(load_checkpoint(path, training_only=False))
 
 
 def find_run_checkpoint(run: Path) -> Path:

@@ -160,3 +160,20 @@ def test_run_without_student_config_or_checkpoint(student, tmp_path, capsys):
     assert export_run(run, model_config=cfg, out_dir=tmp_path / "o").is_dir()
     assert main(["export", str(run), "--model-config", str(cfg), "--checkpoint", str(tmp_path / "none.pt")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_damaged_checkpoint_is_refused_naming_it(student, tmp_path, capsys):
+    """`xmodal export` reads checkpoints through the checksum check: a flipped byte in a tensor (which torch.load
+    reads without noticing) is refused naming the file, and nothing is exported."""
+    from test_checkpoint import flip_tensor_byte
+
+    from xmodal.engine.checkpoint import save_checkpoint
+
+    run = make_run(tmp_path, student)
+    ckpt = run / "checkpoints" / "step_0000005.pt"
+    save_checkpoint({"model": Wrapper(student).state_dict(), "step": 5, "config": {"job": "clip"}}, ckpt)
+    flip_tensor_byte(ckpt)
+    assert main(["export", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"{ckpt} is damaged: its blake2b checksum does not match" in err
+    assert not (run / "export").exists()

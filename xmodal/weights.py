@@ -15,17 +15,27 @@ from typing import Any
 
 from xmodal.errors import CheckpointError
 
-_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", re.DOTALL)
 _UNSAFE_HINTS = ("weights_only", "Weights only load failed", "arbitrary code execution", "trusted source")
 
 
-def is_unsafe_pickle(exc: BaseException) -> bool:
-    """True when torch refused a file because its pickle asks for objects outside the weights-only set."""
+def _refused_by_torch(exc: BaseException) -> bool:
+    """True for torch's weights_only refusals: their message advises loading the file unsafely."""
     return isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc)
 
 
+def is_unsafe_pickle(exc: BaseException) -> bool:
+    """True when torch refused a file because its pickle asks for objects outside the weights-only set (a class
+    to build, a function to call); a pickle that is merely garbage is a corrupt file, not an unsafe one."""
+    return _refused_by_torch(exc) and _GLOBAL.search(str(exc)) is not None
+
+
 def error_detail(exc: BaseException) -> str:
-    """The first line of an error message that does not repeat torch's weights_only advice."""
+    """What went wrong, in one line that does not repeat torch's weights_only advice."""
+    found = _UNPICKLER_ERROR.search(str(exc)) if _refused_by_torch(exc) else None
+    if found:
+        return found.group(1).splitlines()[0]
     for line in str(exc).splitlines():
         line = line.strip()
         if line and not any(h in line for h in _UNSAFE_HINTS):
@@ -34,10 +44,11 @@ def error_detail(exc: BaseException) -> str:
 
 
 def safe_cause(exc: BaseException) -> BaseException | None:
-    """What to chain a weights error to: nothing for an unsafe pickle (torch's message advises unsafe loading,
-    and a traceback would show it), the original error otherwise. Use `raise weights_error(...) from safe_cause(e)`.
+    """What to chain a weights error to: nothing for torch's weights_only refusals (their message advises unsafe
+    loading, and a traceback would show it), the original error otherwise. Use
+    `raise weights_error(...) from safe_cause(e)`.
     """
-    return None if is_unsafe_pickle(exc) else exc
+    return None if _refused_by_torch(exc) or any(h in str(exc) for h in _UNSAFE_HINTS) else exc
 
 
 def weights_error(path: str | os.PathLike, exc: BaseException, what: str = "weights file") -> CheckpointError:
@@ -50,11 +61,16 @@ def weights_error(path: str | os.PathLike, exc: BaseException, what: str = "weig
             "unpickling them could run code from the file. xmodal reads weights only: use a state dict of "
             "tensors (torch.save(model.state_dict(), path)) or a .safetensors file, made from a copy you trust"
         )
-    return CheckpointError(f"{path}: not a readable {what} ({type(exc).__name__}: {error_detail(exc)})")
+    return CheckpointError(f"{path}: not a readable {what} ({type(exc).__name__}: {error_detail(exc)}); the file is "
+                           "corrupt, truncated or not a torch file")
 
 
 def load_weights(path: str | os.PathLike, *, map_location: Any = "cpu", what: str = "weights file") -> Any:
-    """`torch.load(path, weights_only=True)`; a missing, corrupt or unsafe file raises CheckpointError naming it."""
+    """`torch.load(path, weights_only=True)`; a missing, corrupt or unsafe file raises CheckpointError naming it.
+
+    The one place xmodal reads torch files: checkpoints (`xmodal.engine.checkpoint.load_checkpoint`, which checks
+    their checksum first), model files and teacher weights all come through here.
+    """
     import torch
 
     if not os.path.isfile(path):

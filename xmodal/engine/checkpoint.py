@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, `weights_only` loads, RNG capture, pruning and resume compatibility checks.
+"""Checkpoints: atomic writes, checksummed `weights_only` loads, RNG capture, pruning and resume compatibility checks.
 
 Layout: `run_dir/checkpoints/step_0000100.pt` (one per save, written to a temp file and renamed into place,
 so a kill at any moment leaves every `step_*.pt` complete) plus a `latest` text file naming the newest one.
@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import random
 import re
 from collections.abc import Iterable, Mapping
@@ -26,6 +25,7 @@ import torch
 
 from xmodal.errors import CheckpointError
 from xmodal.io import atomic_write, atomic_write_text
+from xmodal.weights import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -92,42 +92,6 @@ def plain_config(config: Any) -> Any:
     return json.loads(json.dumps(to_dict(config), default=str))
 
 
-_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
-_UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", re.DOTALL)
-
-
-def _load_weights_only(path: str | os.PathLike, what: str = "weights file", map_location: Any = "cpu") -> Any:
-    """`torch.load(path, weights_only=True)` with errors that name the file and what is wrong with it.
-
-    A file holding arbitrary Python objects is refused as not a safe weights file; torch's own advice to retry
-    with weights_only=False is not passed on (that would run whatever code the file carries).
-    """
-    path = Path(path)
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        text = str(e)
-        found = _UNSAFE_GLOBAL.search(text)
-        if found:
-            raise CheckpointError(
-                f"{path} is not a safe {what}: it holds a Python object of type {found.group(1)}, which only "
-                "unrestricted unpickling could rebuild, and xmodal loads tensors and plain data only. Use a file "
-                "written by xmodal, or re-save the tensors alone (e.g. the model's state_dict) from code you trust"
-            ) from None
-        detail = _UNPICKLER_ERROR.search(text)
-        reason = detail.group(1).splitlines()[0] if detail else type(e).__name__
-        raise CheckpointError(
-            f"cannot read {what} {path}: {reason} (the file is corrupt, truncated, not a torch file, or not a "
-            "safe weights file)"
-        ) from None
-    except Exception as e:  # torch raises several types for truncated or foreign files
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise CheckpointError(
-            f"cannot read {what} {path}: {type(e).__name__}: {first} (the file is corrupt, truncated or not a torch "
-            "file)"
-        ) from None
-
-
 class _Digesting:
     """A write-only file wrapper that hashes what passes through it (torch.save only calls write)."""
 
@@ -188,21 +152,31 @@ def verify_checkpoint(path: str | os.PathLike) -> bool:
     if stored != actual:
         raise CheckpointError(
             f"checkpoint {path} is damaged: its blake2b checksum does not match its content (a byte changed or "
-            "went missing after it was written). Resume from an earlier checkpoint of the run"
+            "went missing after it was written). Use an earlier checkpoint of the run"
         )
     return True
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Verify the checksum and load with `weights_only=True`; a missing, damaged or unsafe file names the path."""
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
+                    training_only: bool = True) -> dict[str, Any]:
+    """Verify the checksum and load with `weights_only=True` (`xmodal.weights.load_weights`); a missing, damaged or
+    unsafe file raises CheckpointError naming the path.
+
+    `training_only=False` also accepts other torch files holding a dict (a recogniser model file, a bare state
+    dict), for commands that read either: their checksum is checked when they carry one, and a training
+    checkpoint among them must carry one as always.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     verified = verify_checkpoint(path)
-    state = _load_weights_only(path, "checkpoint", map_location)
-    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+    state = load_weights(path, map_location=map_location, what="checkpoint")
+    training = isinstance(state, dict) and "model" in state and "step" in state
+    if training_only and not training:
         raise CheckpointError(f"{path} is not an xmodal training checkpoint (needs 'model' and 'step' entries)")
-    if not verified:
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a checkpoint or model file holding a dict, got {type(state).__name__}")
+    if training and not verified:
         if int(state.get("format", 1)) >= 2:
             raise CheckpointError(f"checkpoint {path} is damaged: its checksum trailer is missing or unreadable")
         log.warning("%s has no checksum (written by an older xmodal); it loaded, but damage cannot be ruled out", path)

@@ -563,16 +563,9 @@ def load_detector(path: str | os.PathLike, map_location: str | torch.device = "c
                   return_meta: bool = False) -> BEVDetector | tuple[BEVDetector, dict]:
     """Rebuild a detector (eval mode) from a `save_detector` file, loading tensors only."""
     from xmodal.config import from_dict
+    from xmodal.weights import load_weights
 
-    if not os.path.isfile(path):
-        raise CheckpointError(f"BEV detector file not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unpickling, truncation and foreign formats raise many types
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise CheckpointError(f"cannot read BEV detector file {path}: {type(e).__name__}: {first} (corrupt, "
-                              "truncated, not a torch file, or holding objects beyond tensors and plain data)"
-                              ) from None
+    ckpt = load_weights(path, map_location=map_location, what="BEV detector file")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "bev_detector" or not {"config", "model"} <= set(ckpt):
         raise CheckpointError(f"{path} is not a BEV detector file (expected kind 'bev_detector' with config and model)")
     model = BEVDetector(from_dict(BEVDetectorConfig, ckpt["config"], source=str(path)))

@@ -249,14 +249,9 @@ def load_recognizer(path: str | os.PathLike, kind: str | None = None, map_locati
                     return_meta: bool = False) -> SequenceRecognizer | tuple[SequenceRecognizer, dict]:
     """Rebuild a recogniser (in eval mode) from a file written by `save_recognizer` (weights_only loading);
     with `return_meta`, also return the file's meta dict."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"model file not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-        from xmodal.weights import safe_cause, weights_error
+    from xmodal.weights import load_weights
 
-        raise weights_error(path, e, "model file") from safe_cause(e)
+    ckpt = load_weights(path, map_location=map_location, what="model file")
     if not isinstance(ckpt, dict) or not {"config", "model"} <= set(ckpt):
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path}: expected a model file with keys 'kind', 'config', 'model', got {keys}")
