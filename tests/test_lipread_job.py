@@ -356,3 +356,95 @@ def test_eval_lipread_refuses_a_manifest_without_references(corpus, tmp_path, ca
         captured = capsys.readouterr()
         assert code == 2 and "NaN" not in captured.out and not out.exists()
         assert f"{data / 'test.jsonl'}: " in captured.err and "'transcript'" in captured.err
+
+
+# ---------------------------------------------------------------- sentencepiece vocabulary
+
+
+def identity(row, i):
+    return row
+
+
+def test_job_with_a_sentencepiece_vocabulary(corpus, tmp_path, capsys):
+    """data.vocab names a .model file (inside data.root): teacher and student learn its units, the lip reader
+    file and engine checkpoints score with it, the teacher's identity follows the model's content (not its file
+    name), and a damaged engine checkpoint is refused by `xmodal eval lipread`."""
+    load_plugins()
+    from test_checkpoint import flip_tensor_byte
+
+    from xmodal.config import JOBS
+    from xmodal.data.vocab import SentencePieceVocab, train_sentencepiece
+    from xmodal.nn.recognizer import load_recognizer
+    from xmodal.tasks.lipread.config import LipreadDistillConfig
+    from xmodal.tasks.lipread.job import resolve_manifests, teacher_folder
+
+    data = relabelled_corpus(corpus, tmp_path / "data", identity)
+    units = train_sentencepiece(["ab", "ba", "a b"], 6, source="tiny")
+    units.save(data / "units.model")
+    cfg = job_config(data, tmp_path / "run", losses=[{"name": "ctc", "weight": 0.3},
+                                                     {"name": "attention_ce", "weight": 0.7},
+                                                     {"name": "ctc_kd", "weight": 0.1}])
+    cfg["data"]["vocab"] = "units.model"
+    cfg["student"]["vocab_size"] = cfg["teacher"]["model"]["vocab_size"] = len(units)  # 8: not the 30 characters
+    cfg = from_dict(LipreadDistillConfig, cfg)
+    results = JOBS.get("lipread_distill").run(cfg)
+    assert results["student"]["num_utterances"] == results["teacher"]["num_utterances"] == 3
+    run = tmp_path / "run"
+    _, meta = load_recognizer(run / "lipreader.pt", return_meta=True)
+    assert meta["vocab"]["kind"] == "sentencepiece" and SentencePieceVocab.from_dict(meta["vocab"]) == units
+
+    scores = []
+    for ckpt in (run / "lipreader.pt", sorted((run / "checkpoints").glob("step_*.pt"))[-1]):
+        assert main(["eval", "lipread", "--checkpoint", str(ckpt), "--manifest", str(data / "test.jsonl"),
+                     "--examples", "0"]) == 0
+        scores.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert scores[0]["cer"] == pytest.approx(scores[1]["cer"]) == pytest.approx(results["student"]["cer"])
+
+    damaged = tmp_path / "step_damaged.pt"
+    damaged.write_bytes(sorted((run / "checkpoints").glob("step_*.pt"))[-1].read_bytes())
+    flip_tensor_byte(damaged)
+    assert main(["eval", "lipread", "--checkpoint", str(damaged), "--manifest", str(data / "test.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert f"{damaged} is damaged: its blake2b checksum does not match" in err
+
+    # the teacher's folder (and fingerprint) follow the vocabulary's content: a retrained model under the same
+    # name is another vocabulary
+    paths = resolve_manifests(cfg.data)
+    before = teacher_folder(cfg.teacher, cfg.data, paths, run)
+    assert Path(results["teacher_path"]).parent == before
+    train_sentencepiece(["ab", "ba", "a b"], 5, source="tiny").save(data / "units.model")
+    assert teacher_folder(cfg.teacher, cfg.data, paths, run) != before
+
+
+def test_a_missing_sentencepiece_model_is_named(corpus, tmp_path):
+    load_plugins()
+    from xmodal.config import JOBS
+    from xmodal.tasks.lipread.config import LipreadDistillConfig
+
+    cfg = job_config(corpus, tmp_path / "run")
+    cfg["data"]["vocab"] = "units.model"
+    with pytest.raises(ConfigError, match=rf"data.vocab: sentencepiece model {re.escape(str(corpus / 'units.model'))} "
+                                          "does not exist"):
+        JOBS.get("lipread_distill").run(from_dict(LipreadDistillConfig, cfg))
+    assert not (tmp_path / "run").exists()
+
+
+def test_teacher_sample_rate_must_match_the_audio_settings(corpus, tmp_path):
+    """A Whisper teacher reads 16 kHz audio; data.audio.sample_rate: 8000 would feed it audio at half speed.
+    Refused before anything trains, naming both settings."""
+    load_plugins()
+    from test_whisper_teacher import build_whisper
+
+    from xmodal.config import JOBS
+    from xmodal.tasks.lipread.config import LipreadDistillConfig
+
+    folder = build_whisper(tmp_path / "whisper")
+    cfg = job_config(corpus, tmp_path / "run", losses=[{"name": "ctc", "weight": 1.0},
+                                                       {"name": "libs", "weight": 0.1,
+                                                        "params": {"context_weight": 0.0}}])
+    cfg["teacher"] = {"kind": "whisper", "path": str(folder)}
+    cfg["data"] = {**cfg["data"], "audio": {"features": "waveform", "sample_rate": 8000}}
+    with pytest.raises(ConfigError, match=r"teacher.path .*whisper reads audio sampled at 16000 Hz but "
+                                          r"data.audio.sample_rate is 8000; set data.audio.sample_rate: 16000"):
+        JOBS.get("lipread_distill").run(from_dict(LipreadDistillConfig, cfg))
+    assert not list((tmp_path / "run").glob("**/*.pt"))

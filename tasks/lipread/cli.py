@@ -3,7 +3,8 @@
 `--checkpoint` accepts a model file written by `save_recognizer` (e.g. `RUN/lipreader.pt` of the
 `lipread_distill` job), an engine checkpoint of that job (`RUN/checkpoints/step_*.pt`), or a run folder (its
 newest checkpoint). Preprocessing (crop size, normalisation) and the vocabulary come from the file when it
-records them; `--crop-size`/`--resize` override.
+records them (an engine checkpoint records its config, so a sentencepiece `data.vocab` is read from that `.model`
+file); `--crop-size`/`--resize` override. Every file goes through `load_checkpoint`: a damaged one is refused.
 """
 
 from __future__ import annotations
@@ -19,31 +20,27 @@ from xmodal.errors import CheckpointError
 
 
 def load_for_eval(path: str | os.PathLike) -> tuple[Any, dict]:
-    """(recogniser in eval mode, meta with optional "vocab", "video", "audio") from a model file or checkpoint."""
-    import torch
+    """(recogniser in eval mode, meta with optional "vocab", "video", "audio") from a model file or checkpoint.
 
+    Files are read by `load_checkpoint` (weights only, checksum verified when the file carries one), so a damaged
+    training checkpoint is refused naming it instead of scored.
+    """
+    from xmodal.engine.checkpoint import CheckpointManager, load_checkpoint
     from xmodal.nn.recognizer import build_recognizer, load_recognizer
 
     path = Path(path)
     if path.is_dir():
-        from xmodal.engine.checkpoint import CheckpointManager
-
         resolved = CheckpointManager(path).resolve(path)
         if resolved is None:
             raise CheckpointError(f"no checkpoint found in {path}")
         path = resolved
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-        from xmodal.weights import safe_cause, weights_error
-
-        raise weights_error(path, e, "checkpoint") from safe_cause(e)
-    if isinstance(ckpt, dict) and "kind" in ckpt:
+    ckpt = load_checkpoint(path, training_only=False)
+    if "kind" in ckpt:
         return load_recognizer(path, return_meta=True)
-    if isinstance(ckpt, dict) and "step" in ckpt and isinstance(ckpt.get("config"), dict):
-        from xmodal.tasks.lipread.job import MODEL_PREFIX
+    if "step" in ckpt and isinstance(ckpt.get("config"), dict):
+        from xmodal.tasks.lipread.job import MODEL_PREFIX, resolve_vocab
 
         cfg = ckpt["config"]
         if not isinstance(cfg.get("student"), dict) or not isinstance(cfg.get("data"), dict):
@@ -56,7 +53,8 @@ def load_for_eval(path: str | os.PathLike) -> tuple[Any, dict]:
         except RuntimeError as e:
             raise CheckpointError(f"{path}: the weights do not fit the student config stored with them: {e}") from e
         data = cfg["data"]
-        meta = {"video": data.get("video"), "vocab": {"chars": data["vocab"]} if "vocab" in data else None}
+        vocab = resolve_vocab(data["vocab"], data.get("root")).to_dict() if "vocab" in data else None
+        meta = {"video": data.get("video"), "vocab": vocab}
         return model.eval(), {k: v for k, v in meta.items() if v is not None}
     raise CheckpointError(f"{path}: neither a recogniser model file (keys kind/config/model) nor a "
                           "lipread_distill training checkpoint")
@@ -85,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
     from xmodal.config import from_dict
     from xmodal.data.av import AudioConfig, AVSpeechDataset, VideoConfig, collate_av, require_transcripts
-    from xmodal.data.vocab import CharVocab
+    from xmodal.data.vocab import CharVocab, vocab_from_dict
     from xmodal.device import resolve_device
     from xmodal.io import atomic_write_json
     from xmodal.tasks.lipread.evaluate import evaluate_lipreading
@@ -93,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     model, meta = load_for_eval(args.checkpoint)
     device = resolve_device(args.device)
     model.to(device)
-    vocab = CharVocab.from_dict(meta["vocab"]) if meta.get("vocab") else CharVocab()
+    vocab = vocab_from_dict(meta["vocab"]) if meta.get("vocab") else CharVocab()
     video = audio = None
     if args.modality == "video":
         video = from_dict(VideoConfig, meta.get("video") or {}, source=f"{args.checkpoint} (video settings)")

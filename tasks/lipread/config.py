@@ -35,7 +35,9 @@ class LipreadDataConfig:
     synthetic: SyntheticGridConfig | None = None
     video: VideoConfig = field(default_factory=VideoConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
-    vocab: str = " '" + "abcdefghijklmnopqrstuvwxyz"  # characters after <blank> and <sos/eos>
+    # characters after <blank> and <sos/eos>, or a sentencepiece `.model` file (`xmodal data vocab`; a relative
+    # path is taken inside `root`); student.vocab_size (and a trained teacher's) is its size
+    vocab: str = " '" + "abcdefghijklmnopqrstuvwxyz"
 
 
 def _default_teacher_losses() -> list[LossSpec]:

@@ -3,7 +3,7 @@
 Run folder: `config.yaml`, `metrics.jsonl`, `checkpoints/` (engine), `lipreader.pt` (the student as a model
 file for `xmodal eval lipread`), `results.json` (teacher and student test scores); a teacher trained here
 lives in `teacher/` (its own run folder plus `speech_recognizer.pt`) and is reused while its config, audio
-settings and training manifest are unchanged.
+settings, training data and vocabulary (`data.vocab`: characters or a sentencepiece model) are unchanged.
 
 The teacher's states and decoder contexts define the alignment space (its width); the student's are
 projected into it (`projection`), which is LIBS's P(·). Losses come from the registry: typically `ctc` +
@@ -26,14 +26,14 @@ from torch import nn
 from xmodal.adapters import ADAPTERS
 from xmodal.alignment import AlignmentSpace
 from xmodal.config import LossSpec, register_job, to_dict
-from xmodal.data.vocab import CharVocab
+from xmodal.data.vocab import Vocab, load_vocab
 from xmodal.device import resolve_device, seed_everything
 from xmodal.engine.cache import CacheSource, register_cache_source
 from xmodal.errors import ConfigError
 from xmodal.features import Features
 from xmodal.fingerprint import DataIdentity, data_identity, hash_json
 from xmodal.io import atomic_write_json
-from xmodal.models import create_teacher
+from xmodal.models import create_student, create_teacher
 from xmodal.nn.recognizer import SequenceRecognizer, load_recognizer, save_recognizer
 from xmodal.tasks.lipread.config import LipreadDataConfig, LipreadDistillConfig, SpeechTeacherConfig
 from xmodal.tasks.lipread.evaluate import evaluate_lipreading
@@ -120,7 +120,25 @@ def resolve_manifests(cfg: LipreadDataConfig) -> Manifests:
     return out
 
 
-def av_dataset(manifest: Path, cfg: LipreadDataConfig, vocab: CharVocab, *, video: bool, audio: bool,
+def resolve_vocab(spec: str, root: str | None = None) -> Vocab:
+    """The job's vocabulary from `data.vocab`: the characters themselves, or a sentencepiece `.model` file (a
+    relative path is taken inside `data.root` when it is set, like the manifests)."""
+    if spec.endswith(".model"):
+        path = Path(spec)
+        if not path.is_absolute() and root:
+            path = Path(root) / path
+        if not path.is_file():
+            raise ConfigError(f"data.vocab: sentencepiece model {path} does not exist (write one with `xmodal data "
+                              "vocab`, or give the vocabulary's characters)")
+        return load_vocab(path)
+    return load_vocab(spec)
+
+
+def job_vocab(cfg: LipreadDataConfig) -> Vocab:
+    return resolve_vocab(cfg.vocab, cfg.root)
+
+
+def av_dataset(manifest: Path, cfg: LipreadDataConfig, vocab: Vocab, *, video: bool, audio: bool,
                train: bool, seed: int = 0):
     from xmodal.data.av import AVSpeechDataset
 
@@ -128,7 +146,7 @@ def av_dataset(manifest: Path, cfg: LipreadDataConfig, vocab: CharVocab, *, vide
                            train=train, require_transcript=False, seed=seed)
 
 
-def eval_loader(manifest: Path | None, cfg: LipreadDataConfig, vocab: CharVocab, batch_size: int, *,
+def eval_loader(manifest: Path | None, cfg: LipreadDataConfig, vocab: Vocab, batch_size: int, *,
                 video: bool, audio: bool):
     if manifest is None:
         return None
@@ -173,31 +191,39 @@ def teacher_recipe(cfg: SpeechTeacherConfig) -> dict:
     return {k: v for k, v in to_dict(cfg).items() if k != "cache"}
 
 
-def teacher_data_identity(data: LipreadDataConfig, paths: Manifests) -> DataIdentity:
+def teacher_data_identity(data: LipreadDataConfig, paths: Manifests, vocab: Vocab | None = None) -> DataIdentity:
     """What the teacher sees of the data: the training manifest's content, its audio files (path, size, time),
-    its transcripts and the vocabulary (`xmodal.fingerprint`): any change trains or caches the teacher anew."""
+    its transcripts and the vocabulary's content (`vocab.to_dict()`, so a retrained sentencepiece model under the
+    same file name counts as another vocabulary): any change trains or caches the teacher anew."""
     from xmodal.data.av import read_av_manifest
 
     records = read_av_manifest(paths.train)
+    vocab = job_vocab(data) if vocab is None else vocab
     return data_identity({"train": paths.train}, media=[str(r.audio) for r in records if r.audio is not None],
-                         transcripts=[[r.id, r.transcript] for r in records], vocab=data.vocab)
+                         transcripts=[[r.id, r.transcript] for r in records], vocab=vocab.to_dict())
 
 
-def teacher_folder(cfg: SpeechTeacherConfig, data: LipreadDataConfig, paths: Manifests, run_dir: Path) -> Path:
+def teacher_folder(cfg: SpeechTeacherConfig, data: LipreadDataConfig, paths: Manifests, run_dir: Path,
+                   vocab: Vocab | None = None) -> Path:
     """`run_dir/teacher/<settings hash>`: one folder per recipe and data (by content, not by name or size), so a
-    changed teacher or training set never meets old checkpoints."""
+    changed teacher, training set or vocabulary never meets old checkpoints."""
     key = hash_json({"teacher": teacher_recipe(cfg), "audio": to_dict(data.audio),
-                     "data": teacher_data_identity(data, paths).digest})
+                     "data": teacher_data_identity(data, paths, vocab).digest})
     return run_dir / "teacher" / key
 
 
-def check_teacher_fits(model: nn.Module, cfg: LipreadDistillConfig, vocab: CharVocab, teacher_context: bool) -> None:
+def check_teacher_fits(model: nn.Module, cfg: LipreadDistillConfig, vocab: Vocab, teacher_context: bool) -> None:
     """The teacher reads the configured audio features, shares the vocabulary and has a decoder when needed."""
     kind = cfg.teacher.kind
     wants = getattr(model, "input_features", "fbank")
     if cfg.data.audio.features != wants:
         raise ConfigError(f"a '{kind}' teacher reads {wants} audio but data.audio.features is "
                           f"'{cfg.data.audio.features}'; set data.audio.features: {wants}")
+    rate = getattr(model, "sample_rate", None)  # teachers that know their input rate (e.g. Whisper) declare it
+    if rate is not None and int(rate) != cfg.data.audio.sample_rate:
+        raise ConfigError(f"the '{kind}' teacher at teacher.path {cfg.teacher.path} reads audio sampled at {rate} Hz "
+                          f"but data.audio.sample_rate is {cfg.data.audio.sample_rate}; set data.audio.sample_rate: "
+                          f"{rate} (files at other rates are resampled on loading)")
     size = getattr(model, "vocab_size", None)
     if size is not None and size != len(vocab):
         raise ConfigError(f"the teacher predicts {size} tokens, the vocabulary has {len(vocab)}; teacher and "
@@ -207,7 +233,7 @@ def check_teacher_fits(model: nn.Module, cfg: LipreadDistillConfig, vocab: CharV
                           "teacher has no attention decoder; set the libs loss's context_weight: 0")
 
 
-def obtain_teacher(cfg: SpeechTeacherConfig, data: LipreadDataConfig, paths: Manifests, vocab: CharVocab,
+def obtain_teacher(cfg: SpeechTeacherConfig, data: LipreadDataConfig, paths: Manifests, vocab: Vocab,
                    run_dir: Path, eval_cfg, device: torch.device) -> nn.Module:
     """The teacher recogniser: loaded from `path` by `kind`, or trained on the training audio (and reused later)."""
     if cfg.path is not None:
@@ -217,7 +243,7 @@ def obtain_teacher(cfg: SpeechTeacherConfig, data: LipreadDataConfig, paths: Man
     from xmodal.losses import build_losses
     from xmodal.teachers.speech import SpeechRecognizer
 
-    folder = teacher_folder(cfg, data, paths, run_dir)
+    folder = teacher_folder(cfg, data, paths, run_dir, vocab)
     recipe = teacher_recipe(cfg)
     model_file = folder / "speech_recognizer.pt"
     key = folder.name
@@ -254,7 +280,8 @@ def obtain_teacher(cfg: SpeechTeacherConfig, data: LipreadDataConfig, paths: Man
     return model.eval()
 
 
-def teacher_fingerprint(model: nn.Module, cfg: LipreadDistillConfig, paths: Manifests) -> str:
+def teacher_fingerprint(model: nn.Module, cfg: LipreadDistillConfig, paths: Manifests,
+                        vocab: Vocab | None = None) -> str:
     """The teacher's identity for checkpoints and caches (`xmodal.fingerprint.fingerprint`): weights, audio
     features, whether context is used (plus the loader's own identity when it has one, e.g. a wav2vec2 label
     map), and the data it runs on (`teacher_data_identity`)."""
@@ -263,7 +290,7 @@ def teacher_fingerprint(model: nn.Module, cfg: LipreadDistillConfig, paths: Mani
     extra = {"audio": to_dict(cfg.data.audio), "context": uses_context(cfg.losses)[1]}
     if getattr(model, "fingerprint", None) is not None:
         extra["loader"] = model.fingerprint
-    return fingerprint(model, extra, data=teacher_data_identity(cfg.data, paths))
+    return fingerprint(model, extra, data=teacher_data_identity(cfg.data, paths, vocab))
 
 
 @register_cache_source("lipread_distill")
@@ -275,7 +302,7 @@ def cache_source(cfg: LipreadDistillConfig) -> CacheSource:
     if cfg.teacher is None:
         raise ConfigError("xmodal cache: this config has no 'teacher' block, so there is no teacher to cache")
     device = resolve_device(cfg.train.device)
-    vocab = CharVocab(cfg.data.vocab)
+    vocab = job_vocab(cfg.data)
     paths = resolve_manifests(cfg.data)
     context = uses_context(cfg.losses)[1]
     model = obtain_teacher(cfg.teacher, cfg.data, paths, vocab, Path(cfg.run_dir), cfg.eval, device)
@@ -285,9 +312,9 @@ def cache_source(cfg: LipreadDistillConfig) -> CacheSource:
     dataset = av_dataset(paths.train, cfg.data, vocab, video=False, audio=True, train=False)
     from xmodal.data.av import collate_av
 
-    return CacheSource(teacher, dataset, teacher_fingerprint(model, cfg, paths), collate_fn=collate_av,
+    return CacheSource(teacher, dataset, teacher_fingerprint(model, cfg, paths, vocab), collate_fn=collate_av,
                        batch_size=cfg.train.batch_size, out_dir=cfg.teacher.cache, meta={"data": str(paths.train)},
-                       data=teacher_data_identity(cfg.data, paths))
+                       data=teacher_data_identity(cfg.data, paths, vocab))
 
 
 # ---------------------------------------------------------------- the job
@@ -299,14 +326,13 @@ def run(cfg: LipreadDistillConfig) -> dict[str, Any]:
     from xmodal.data.av import collate_av
     from xmodal.engine import Distiller
     from xmodal.losses import build_losses
-    from xmodal.students.lipreader import LipReader
     from xmodal.tasks.lipread.decode import DECODERS
 
     DECODERS.get(cfg.eval.decoder)
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     run_dir = Path(cfg.run_dir)
-    vocab = CharVocab(cfg.data.vocab)
+    vocab = job_vocab(cfg.data)
     if cfg.student.vocab_size != len(vocab):
         raise ConfigError(f"student.vocab_size is {cfg.student.vocab_size} but the vocabulary has {len(vocab)} "
                           "tokens (<blank>, <sos/eos> and data.vocab)")
@@ -321,14 +347,14 @@ def run(cfg: LipreadDistillConfig) -> dict[str, Any]:
         check_teacher_fits(teacher_model, cfg, vocab, t_ctx)
         teacher_model.eval().requires_grad_(False)
         teacher = RecognizerModule(teacher_model, "audio", context=t_ctx, frozen=True)
-        fingerprint = teacher_fingerprint(teacher_model, cfg, paths)
+        fingerprint = teacher_fingerprint(teacher_model, cfg, paths, vocab)
         teacher_file = Path(cfg.teacher.path) if cfg.teacher.path is not None else (
-            teacher_folder(cfg.teacher, cfg.data, paths, run_dir) / "speech_recognizer.pt")
+            teacher_folder(cfg.teacher, cfg.data, paths, run_dir, vocab) / "speech_recognizer.pt")
     elif any(s.name.startswith(("libs", "ctc_kd")) for s in cfg.losses if s.weight):
         raise ConfigError("losses: libs / ctc_kd need a teacher; add a 'teacher' block or drop those losses")
 
     seed_everything(cfg.train.seed)  # the student's initialisation must not depend on how the teacher was obtained
-    student_model = LipReader(cfg.student)
+    student_model = create_student(cfg.student, family="speech")  # student kind lipreader
     dim = teacher_model.width if teacher_model is not None else None
     student = RecognizerModule(student_model, "video", dim=dim, projection=cfg.projection, context=s_ctx)
     cache = cfg.teacher.cache if cfg.teacher is not None else None
