@@ -9,7 +9,7 @@ import platform
 
 from xmodal.commands import register_command
 
-PACKAGES = ("torch", "torchvision", "torchaudio", "open_clip", "faiss", "decord", "av", "einops", "numpy")
+PACKAGES = ("torch", "torchvision", "torchaudio", "open_clip", "faiss", "decord", "av", "numpy")
 
 
 def collect_info() -> dict:
