@@ -2,8 +2,8 @@
 
 Task file (`zeroshot.json`, as written by `xmodal data synth-scenes`)::
 
-    {"classnames": ["red circle", ...], "templates": ["a photo of a {}.", ...],
-     "images": [{"filepath": "images/test/000003.png", "label": 0}, ...]}
+    {"classnames": ["small red circle", ...], "templates": ["a picture of a {}", ...],
+     "images": [{"filepath": "images/zeroshot/000003.png", "label": 0}, ...]}
 
 Image paths are relative to the file (absolute paths are kept); `"image"` is accepted in place of `"filepath"`.
 """

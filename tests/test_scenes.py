@@ -67,7 +67,7 @@ def world():
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
     out = tmp_path_factory.mktemp("scenes")
-    S.generate_scene_dataset(out, 40, 16, 60, seed=3, captions_per_image=2, progress=False)
+    S.generate_scene_dataset(out, 40, 16, 60, seed=3, captions_per_image=2, zeroshot_per_class=2, progress=False)
     return out
 
 
@@ -232,7 +232,7 @@ def test_splits_are_disjoint(world):
 
 def test_written_images_are_unique_across_splits(written):
     digests = [hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(written.glob("images/*/*.png"))]
-    assert len(digests) == 40 + 16 + 60 and len(set(digests)) == len(digests)
+    assert len(digests) == 40 + 16 + 60 + 2 * 96 and len(set(digests)) == len(digests)
 
 
 def test_written_csvs_are_open_clip_format(written):
@@ -247,34 +247,34 @@ def test_written_csvs_are_open_clip_format(written):
         assert records[0].image == str(written / "images" / split / "000000.png")
     meta = json.loads((written / "world.json").read_text())
     assert meta["synthetic"] is True and meta["name"] == "synthetic-scenes" and meta["seed"] == 3
-    assert meta["counts"] == {"train": 40, "val": 16, "test": 60}
+    assert meta["counts"] == {"train": 40, "val": 16, "test": 60, "zeroshot": 2 * 96}
+    assert not (written / "zeroshot.csv").exists()  # zero-shot images are for classification, not retrieval
     assert meta["vocab"]["shapes"] == list(S.SHAPES) and len(meta["vocab"]["colors"]) == 8
 
 
 def test_zeroshot_labels_match_the_pixels(written):
     task = S.read_zeroshot_task(written / "zeroshot.json")
-    assert len(task.classnames) == 48 and len(set(task.classnames)) == 48
+    assert len(task.classnames) == 96 and len(set(task.classnames)) == 96  # 2 sizes × 8 colours × 6 shapes
     assert all("{}" in t for t in task.templates)
-    assert len(task.labels) >= 5
     world = S.load_world(written)
-    singles = {str(written / s.filepath) for s in world.splits["test"] if len(s.scene.objects) == 1}
-    assert set(task.labels) == singles
+    images = {str(written / s.filepath) for s in world.splits["zeroshot"]}
+    assert set(task.labels) == images and len(images) == 2 * 96
     from PIL import Image
 
     palette = np.array([S.PALETTE[c] for c in CFG.colors], dtype=float)
     for path, label in task.labels.items():
-        colour, shape = task.classnames[label].split()
+        size, colour, shape = task.classnames[label].split()
         px = np.asarray(Image.open(path).convert("RGB"), dtype=float).reshape(-1, 3)
         dist = np.linalg.norm(px[:, None] - palette[None], axis=-1)
         votes = Counter(dist[dist.min(1) < 45].argmin(1).tolist())
         assert CFG.colors[votes.most_common(1)[0][0]] == colour, path
-        sample = next(s for s in world.splits["test"] if str(written / s.filepath) == path)
-        assert sample.scene.objects[0].shape == shape
+        sample = next(s for s in world.splits["zeroshot"] if str(written / s.filepath) == path)
+        assert (sample.scene.objects[0].shape, sample.scene.objects[0].size) == (shape, size)
 
 
 def test_load_world_round_trips(written):
     world = S.load_world(written)
-    again = S.build_world(40, 16, 60, seed=3, captions_per_image=2)
+    again = S.build_world(40, 16, 60, seed=3, captions_per_image=2, zeroshot_per_class=2)
     for split in S.SPLITS:
         assert [s.scene for s in world.splits[split]] == [s.scene for s in again.splits[split]]
         assert [s.twin_of for s in world.splits[split]] == [s.twin_of for s in again.splits[split]]
@@ -283,10 +283,11 @@ def test_load_world_round_trips(written):
 
 def test_rerun_is_a_no_op_and_other_settings_are_refused(written):
     before = {p: p.stat().st_mtime_ns for p in written.rglob("*") if p.is_file()}
-    S.generate_scene_dataset(written, 40, 16, 60, seed=3, captions_per_image=2, progress=False)
+    S.generate_scene_dataset(written, 40, 16, 60, seed=3, captions_per_image=2, zeroshot_per_class=2, progress=False)
     assert {p: p.stat().st_mtime_ns for p in written.rglob("*") if p.is_file()} == before
     with pytest.raises(DataError, match="different synthetic-scenes world"):
-        S.generate_scene_dataset(written, 41, 16, 60, seed=3, captions_per_image=2, progress=False)
+        S.generate_scene_dataset(written, 40, 16, 60, seed=3, captions_per_image=2, zeroshot_per_class=3,
+                                 progress=False)
 
 
 def test_crash_leaves_no_complete_marker_and_rerun_recovers(tmp_path, monkeypatch):
@@ -333,12 +334,61 @@ def test_cli_writes_and_reports(tmp_path, capsys):
     from xmodal.cli import main
 
     code = main(["data", "synth-scenes", "--out", str(tmp_path / "w"), "--train", "6", "--val", "2",
-                 "--test", "4", "--seed", "9", "--image-size", "32", "--no-progress"])
+                 "--test", "4", "--seed", "9", "--image-size", "32", "--zeroshot-per-class", "2", "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "train.csv: 6 images" in printed and "zeroshot.json: 48 classes" in printed
+    assert "train.csv: 6 images" in printed
+    assert "zeroshot.json: 96 classes (size colour shape), 192 single-object images from the zero-shot split" in printed
     meta = json.loads((tmp_path / "w" / "world.json").read_text())
     assert meta["image_size"] == 32 and meta["seed"] == 9
     from PIL import Image
 
     assert Image.open(tmp_path / "w" / "images" / "test" / "000000.png").size == (32, 32)
+
+
+def test_zeroshot_images_hold_one_object_of_their_class_in_equal_numbers():
+    """Each zero-shot image's label is unambiguous (one object, whose size, colour and shape name the class), and
+    every class has the same number of images, so top-1 is not dominated by a few frequent classes."""
+    world = S.build_world(10, 0, 0, seed=4, zeroshot_per_class=3)
+    task = S.zeroshot_task(world)
+    by_path = {s.filepath: s for s in world.splits["zeroshot"]}
+    assert set(task.labels) == set(by_path)
+    for path, label in task.labels.items():
+        objects = by_path[path].scene.objects
+        assert len(objects) == 1
+        assert task.classnames[label] == f"{objects[0].size} {objects[0].color} {objects[0].shape}"
+    assert Counter(task.labels.values()) == {k: 3 for k in range(len(task.classnames))}
+    assert len(task.classnames) == len(S.SIZES) * len(S.PALETTE) * len(S.SHAPES)
+
+
+def test_zeroshot_objects_stay_inside_their_cells():
+    world = S.build_world(0, 0, 0, seed=8, zeroshot_per_class=4)
+    for sample in world.splits["zeroshot"]:
+        obj = sample.scene.objects[0]
+        reach = S._reach(obj.size, CFG)
+        assert abs(obj.dx) <= reach + 1e-9 and abs(obj.dy) <= reach + 1e-9
+
+
+def test_zeroshot_prompts_are_captions_of_their_class():
+    """Every prompt (a template filled with a class name) is word for word a caption that images of exactly that
+    object have, so the text tower meets no phrasing it was not trained on and no other object's words."""
+    world = S.build_world(300, 0, 0, seed=5, zeroshot_per_class=1)
+    task = S.zeroshot_task(world)
+    vocabulary = {w for s in world.splits["train"] for c in s.captions for w in c.split()}
+    for name in task.classnames:
+        size, colour, shape = name.split()
+        scene = S.Scene((S.SceneObject(colour, shape, size, 0, 0),))
+        captions = set(S.captions_for(scene, np.random.default_rng(0), None))
+        prompts = {t.format(name) for t in task.templates}
+        assert prompts == captions
+        assert {w for p in prompts for w in p.split()} <= vocabulary
+
+
+def test_world_without_zeroshot_split_falls_back_to_test_singles():
+    world = S.build_world(10, 5, 40, seed=6, zeroshot_per_class=0)
+    assert "zeroshot" not in world.splits
+    task = S.zeroshot_task(world)
+    singles = {s.filepath for s in world.splits["test"] if len(s.scene.objects) == 1}
+    assert set(task.labels) == singles and singles
+    with pytest.raises(ConfigError, match="zeroshot_per_class"):
+        S.build_world(10, 5, 5, zeroshot_per_class=-1)

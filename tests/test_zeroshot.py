@@ -128,7 +128,7 @@ def test_eval_zeroshot_command_on_synthetic_scenes(tmp_path, tokenizer):
     from xmodal.students.clip import student_transforms
 
     world = tmp_path / "world"
-    generate_scene_dataset(world, 4, 2, 24, seed=0, image_size=32, progress=False)
+    generate_scene_dataset(world, 4, 2, 24, seed=0, image_size=32, zeroshot_per_class=1, progress=False)
     torch.manual_seed(0)
     model = create_student(CFG).eval()
     folder = export_open_clip(model, CFG, tmp_path / "model")

@@ -16,6 +16,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
     p.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
     p.add_argument("--captions-per-image", type=int, default=3, help="captions per image (default 3)")
+    p.add_argument("--zeroshot-per-class", type=int, default=10,
+                   help="single-object zero-shot images per object class (default 10; 0: use the test split's "
+                        "single-object images)")
     p.add_argument("--no-holdout", action="store_true",
                    help="let multi-object attribute combinations repeat across splits")
     p.add_argument("--overwrite", action="store_true", help="replace a different world already in --out")
@@ -31,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     world = generate_scene_dataset(
         args.out, args.train, args.val, args.test, seed=args.seed, captions_per_image=args.captions_per_image,
-        cfg=cfg, overwrite=args.overwrite, progress=not args.no_progress,
+        cfg=cfg, zeroshot_per_class=args.zeroshot_per_class, overwrite=args.overwrite, progress=not args.no_progress,
     )
     elapsed = time.perf_counter() - start
     out = Path(args.out)
@@ -41,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
           f"[{elapsed:.1f}s]")
     for split in ("train", "val", "test"):
         print(f"  {out / (split + '.csv')}: {info['counts'][split]} images, {info['rows'][split]} captions")
-    print(f"  {out / 'zeroshot.json'}: {len(task.classnames)} classes, {len(task.labels)} test images")
+    source = "zero-shot" if world.splits.get("zeroshot") else "test"
+    print(f"  {out / 'zeroshot.json'}: {len(task.classnames)} classes (size colour shape), {len(task.labels)} "
+          f"single-object images from the {source} split")
     print(f"  {out / 'scenes.jsonl'}: scene layouts and attribute-swapped twins")
     print(f"  {out / 'world.json'}: vocabulary and settings")
     print("  CSV columns: filepath, title (tab-separated; image paths relative to the CSV folder)")

@@ -4,6 +4,8 @@ Every image holds 1–3 objects (colour × shape × size) placed on a grid; capt
 spatial relations. Multi-object scenes come with attribute-swapped twins (red circle + blue square next to blue
 circle + red square, A left of B next to B left of A), so colour or shape matching alone cannot retrieve them.
 Multi-object scenes are split by their bag of attributes, so test compositions are never seen in training.
+A separate, class-balanced set of single-object images is the zero-shot task: one class per object of the vocabulary
+("small red circle"), whose prompts are that object's single-object captions word for word.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from xmodal.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 WORLD_NAME = "synthetic-scenes"
-WORLD_VERSION = 1
-SPLITS = ("train", "val", "test")
+WORLD_VERSION = 2  # 2: balanced single-object zero-shot split, prompts in the caption vocabulary
+SPLITS = ("train", "val", "test")  # the image-caption splits (one CSV each)
+ZEROSHOT_SPLIT = "zeroshot"  # single-object images for zero-shot classification (no CSV)
 CSV_SEPARATOR = "\t"  # open_clip's default --csv-separator
 IMAGE_KEY, CAPTION_KEY = "filepath", "title"  # open_clip's default --csv-img-key / --csv-caption-key
 
@@ -52,15 +55,7 @@ LONG_FORM = {"left of": "to the left of", "right of": "to the right of", "above"
 # grid step (row, col) from an object to the object it is related to: "A left of B" → B is to A's right
 _STEP = {"left of": (0, 1), "right of": (0, -1), "above": (1, 0), "below": (-1, 0)}
 _RADIUS = {"small": 0.26, "large": 0.40}  # object radius as a fraction of a grid cell
-_SPLIT_STREAM = {"train": 0, "val": 1, "test": 2}
-
-ZEROSHOT_TEMPLATES = (
-    "a photo of a {}.",
-    "a {} on a plain background.",
-    "a drawing of a {}.",
-    "a picture of a {}.",
-    "there is a {} in the image.",
-)
+_SPLIT_STREAM = {"train": 0, "val": 1, "test": 2, ZEROSHOT_SPLIT: 3}
 
 
 @dataclass(frozen=True)
@@ -503,19 +498,21 @@ class SceneWorld:
             "synthetic": True,
             "version": WORLD_VERSION,
             "description": "Seeded synthetic image-caption world: 1-3 coloured shapes with sizes and spatial "
-            "relations; captions need composition (attribute-swapped twins, held-out attribute bags).",
+            "relations; captions need composition (attribute-swapped twins, held-out attribute bags). "
+            "The zero-shot split holds single-object images, the same number for every object class.",
             "seed": self.seed,
             "image_size": self.cfg.image_size,
             "captions_per_image": self.captions_per_image,
             "counts": {k: len(v) for k, v in self.splits.items()},
-            "rows": {k: sum(len(s.captions) for s in v) for k, v in self.splits.items()},
+            "rows": {k: sum(len(s.captions) for s in v) for k, v in self.splits.items() if k in SPLITS},
             "vocab": {
                 "colors": list(self.cfg.colors),
                 "shapes": list(self.cfg.shapes),
                 "sizes": list(self.cfg.sizes),
                 "relations": list(RELATIONS),
             },
-            "files": {k: f"{k}.csv" for k in self.splits} | {"scenes": "scenes.jsonl", "zeroshot": "zeroshot.json"},
+            "files": {k: f"{k}.csv" for k in self.splits if k in SPLITS}
+            | {"scenes": "scenes.jsonl", "zeroshot": "zeroshot.json"},
             "csv": {"separator": CSV_SEPARATOR, "image_key": IMAGE_KEY, "caption_key": CAPTION_KEY},
             "config": _jsonable(asdict(self.cfg)),
         }
@@ -560,6 +557,21 @@ def _sample_split(
     return out
 
 
+def _sample_zeroshot(per_class: int, seed: int, cfg: SceneWorldConfig, captions_per_image: int) -> list[SceneSample]:
+    """`per_class` single-object scenes of every object class (size × colour × shape; place, pose and shade drawn at
+    random): one object per image, so its label is unambiguous, and equal class counts, so no class dominates."""
+    rng = np.random.default_rng([seed, _SPLIT_STREAM[ZEROSHOT_SPLIT]])
+    out: list[SceneSample] = []
+    for size, color, shape in zeroshot_classes(cfg):
+        for _ in range(per_class):
+            drawn = sample_scene(rng, cfg, 1)
+            obj = _keep_in_cell(replace(drawn.objects[0], size=size, color=color, shape=shape), cfg)
+            scene = replace(drawn, objects=(obj,))
+            path = f"images/{ZEROSHOT_SPLIT}/{len(out):06d}.png"
+            out.append(SceneSample(path, scene, captions_for(scene, rng, captions_per_image)))
+    return out
+
+
 def build_world(
     n_train: int,
     n_val: int,
@@ -567,14 +579,18 @@ def build_world(
     seed: int = 0,
     cfg: SceneWorldConfig | None = None,
     captions_per_image: int = 3,
+    zeroshot_per_class: int = 10,
 ) -> SceneWorld:
     """Sample every split's scenes and captions (no rendering). Each split draws from its own seeded
-    stream, so a split's content does not depend on the other splits' sizes."""
+    stream, so a split's content does not depend on the other splits' sizes. The zero-shot split holds
+    `zeroshot_per_class` single-object images of every colour-shape class (0: none; the test split's
+    single-object images are the zero-shot task then)."""
     cfg = cfg or SceneWorldConfig()
     counts = {"train": n_train, "val": n_val, "test": n_test}
-    for split, n in counts.items():
+    for split, n in {**counts, "zeroshot_per_class": zeroshot_per_class}.items():
         if int(n) != n or n < 0:
-            raise ConfigError(f"number of {split} images must be a non-negative integer, got {n}")
+            what = split if split == "zeroshot_per_class" else f"number of {split} images"
+            raise ConfigError(f"{what} must be a non-negative integer, got {n}")
     if captions_per_image < 1:
         raise ConfigError(f"captions_per_image must be at least 1, got {captions_per_image}")
     multi = sum(cfg.object_count_probs[1:]) > 0
@@ -589,6 +605,9 @@ def build_world(
     world = SceneWorld(cfg, int(seed), int(captions_per_image))
     for split, n in counts.items():
         world.splits[split] = _sample_split(split, int(n), int(seed), cfg, int(captions_per_image))
+    if zeroshot_per_class:
+        world.splits[ZEROSHOT_SPLIT] = _sample_zeroshot(int(zeroshot_per_class), int(seed), cfg,
+                                                        int(captions_per_image))
     return world
 
 
@@ -596,23 +615,39 @@ def build_world(
 
 
 class ZeroShotTask(NamedTuple):
-    """Colour-shape classification of single-object test images: `labels` maps image path → class index."""
+    """Object classification of single-object images: `labels` maps image path → class index."""
 
     classnames: list[str]
     templates: list[str]
     labels: dict[str, int]
 
 
-def zeroshot_task(world: SceneWorld, split: str = "test") -> ZeroShotTask:
-    """Classes are every "colour shape" of the vocabulary; images are the split's single-object scenes."""
-    classnames = [f"{c} {s}" for c in world.cfg.colors for s in world.cfg.shapes]
+def zeroshot_classes(cfg: SceneWorldConfig) -> list[tuple[str, str, str]]:
+    """(size, colour, shape) of every object the vocabulary allows, in class order."""
+    return [(size, color, shape) for color in cfg.colors for shape in cfg.shapes for size in cfg.sizes]
+
+
+def zeroshot_templates() -> list[str]:
+    """The single-object caption frames as prompts: filled with a class name ("small red circle") each is word for
+    word a caption that images of that object have, so the text tower meets only phrasing it was trained on."""
+    return [frame.format("a {}") for frame in _SINGLE_FRAMES]
+
+
+def zeroshot_task(world: SceneWorld, split: str | None = None) -> ZeroShotTask:
+    """Classes are the objects of the vocabulary, named as captions name them ("small red circle"); images are the
+    single-object scenes of `split` (default: the zero-shot split, or the test split for a world without one).
+
+    Size is part of the class: a class that merged sizes would average "a small red star" and "a large red star"
+    into one prompt vector that matches neither object as well as its own caption does."""
+    if split is None:
+        split = ZEROSHOT_SPLIT if world.splits.get(ZEROSHOT_SPLIT) else "test"
+    classnames = [" ".join(c) for c in zeroshot_classes(world.cfg)]
     index = {name: k for k, name in enumerate(classnames)}
     labels = {}
     for sample in world.splits.get(split, []):
         if len(sample.scene.objects) == 1:
-            o = sample.scene.objects[0]
-            labels[sample.filepath] = index[f"{o.color} {o.shape}"]
-    return ZeroShotTask(classnames, list(ZEROSHOT_TEMPLATES), labels)
+            labels[sample.filepath] = index[sample.scene.objects[0].phrase]
+    return ZeroShotTask(classnames, zeroshot_templates(), labels)
 
 
 def read_zeroshot_task(path: str | os.PathLike) -> ZeroShotTask:
@@ -649,7 +684,7 @@ def _is_complete(out: Path, expected: dict) -> bool | None:
     if {k: have.get(k) for k in expected} != expected:
         return False
     needed = [f"{s}.csv" for s in SPLITS] + ["scenes.jsonl", "zeroshot.json"]
-    needed += [f"images/{s}" for s in SPLITS]
+    needed += [f"images/{s}" for s in expected["counts"]]
     return all((out / p).exists() for p in needed)
 
 
@@ -676,12 +711,14 @@ def generate_scene_dataset(
     captions_per_image: int = 3,
     cfg: SceneWorldConfig | None = None,
     *,
+    zeroshot_per_class: int = 10,
     overwrite: bool = False,
     progress: bool = True,
 ) -> SceneWorld:
     """Render the world to PNGs and write open_clip CSVs, scenes.jsonl, zeroshot.json and world.json.
 
-    `image_size` (when given) overrides `cfg.image_size` (64 by default). Images of a split are written to a
+    `image_size` (when given) overrides `cfg.image_size` (64 by default); `zeroshot_per_class` sizes the
+    zero-shot split (see `build_world`). Images of a split are written to a
     staging folder that is renamed into place when complete, and world.json, written last, marks the whole
     data set complete; rerunning on a complete folder does nothing.
     """
@@ -692,7 +729,7 @@ def generate_scene_dataset(
     cfg = cfg or SceneWorldConfig()
     if image_size is not None:
         cfg = replace(cfg, image_size=int(image_size))
-    world = build_world(n_train, n_val, n_test, seed, cfg, captions_per_image)
+    world = build_world(n_train, n_val, n_test, seed, cfg, captions_per_image, zeroshot_per_class)
     out = Path(out_dir)
     world.root = str(out)
     state = _is_complete(out, _params(world))
@@ -718,7 +755,8 @@ def generate_scene_dataset(
             bar.update(1)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
-        _write_csv(out / f"{split}.csv", samples)
+        if split in SPLITS:
+            _write_csv(out / f"{split}.csv", samples)
     bar.close()
     with atomic_write(out / "scenes.jsonl", "w") as f:
         for split, samples in world.splits.items():
@@ -728,9 +766,9 @@ def generate_scene_dataset(
     atomic_write_json(
         out / "zeroshot.json",
         {
-            "name": f"{WORLD_NAME} colour-shape",
+            "name": f"{WORLD_NAME} objects",
             "synthetic": True,
-            "split": "test",
+            "split": ZEROSHOT_SPLIT if world.splits.get(ZEROSHOT_SPLIT) else "test",
             "classnames": task.classnames,
             "templates": task.templates,
             "images": [{"filepath": p, "label": y} for p, y in task.labels.items()],
