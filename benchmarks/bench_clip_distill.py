@@ -1,10 +1,12 @@
 """Distillation gain on the synthetic image-caption world: distilled student vs the same student from scratch.
 
-Protocol: one teacher (trained contrastively on the synthetic world, reused across runs). The scratch student's
-learning rate is tuned on the validation split (seed 0); then for each seed the student is trained (a) from
-scratch with the tuned rate and the CLIP loss, (b) with weight inheritance + affinity mimicking, for the same
-steps. Reported on the held-out test split: R@1 both directions (mean ± std over seeds), and the first evaluated
-step at which the distilled student's validation T→I R@1 reaches the scratch student's final value.
+Protocol, with the settings of `xmodal demo` (any of them can be changed with --set, as for the demo): one teacher
+(trained contrastively on the synthetic world, reused across runs). The scratch student's learning rate is tuned
+on the validation split (seed 0) over --lrs; then for each seed the student is trained (a) from scratch with the
+tuned rate and the CLIP loss, (b) with weight inheritance + affinity mimicking at the demo's rate, for the same
+steps. Reported on the held-out test split: retrieval R@1/R@5 both ways and zero-shot top-1 (mean ± std over
+seeds), the gain of (b) over (a) per seed (mean ± std of the differences, and in how many seeds (b) is ahead), and
+the first evaluated step at which the distilled student's validation T→I R@1 reaches the scratch student's final.
 
     python benchmarks/bench_clip_distill.py            # full protocol (3 seeds), writes BENCHMARKS.md
     python benchmarks/bench_clip_distill.py --quick    # a smoke run, no report
@@ -13,7 +15,6 @@ step at which the distilled student's validation T→I R@1 reaches the scratch s
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
@@ -21,6 +22,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+METRICS = [
+    ("image_to_text_R@1", "I→T R@1"),
+    ("image_to_text_R@5", "I→T R@5"),
+    ("text_to_image_R@1", "T→I R@1"),
+    ("text_to_image_R@5", "T→I R@5"),
+    ("zeroshot_top1", "zero-shot top-1"),
+]
+RETRIEVAL = [key for key, _ in METRICS if "R@" in key]
 
 
 def val_curve(run_dir: Path, key: str = "eval/text_to_image_R@1") -> list[tuple[int, float]]:
@@ -33,79 +43,73 @@ def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
     return next((step for step, v in curve if v >= target), None)
 
 
-def mean_std(xs: list[float]) -> str:
+def mean_std(xs: list[float], signed: bool = False) -> str:
+    sign = "+" if signed else ""
     if len(xs) == 1:
-        return f"{xs[0]:.1%}"
-    return f"{statistics.mean(xs):.1%} ± {statistics.stdev(xs):.1%}"
+        return f"{xs[0]:{sign}.1%}"
+    return f"{statistics.mean(xs):{sign}.1%} ± {statistics.stdev(xs):.1%}"
+
+
+def gain_summary(distilled: list[dict], scratch: list[dict], key: str) -> dict:
+    """Per-seed differences distilled − scratch: mean, std, seeds ahead, and whether the mean exceeds the std."""
+    diffs = [d[key] - s[key] for d, s in zip(distilled, scratch)]
+    std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    return {"diffs": diffs, "mean": statistics.mean(diffs), "std": std, "ahead": sum(x > 0 for x in diffs),
+            "significant": len(diffs) > 1 and statistics.mean(diffs) > std}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/bench_clip_distill")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=250)
-    ap.add_argument("--lrs", default="5e-4,1e-3,2e-3", help="scratch learning rates to tune over")
+    ap.add_argument("--lrs", default=None,
+                    help="scratch learning rates to tune over (default: the demo's scratch rate ×0.5, ×1, ×2)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="change a demo setting, e.g. --set student_train.steps=500 (the report names it)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-report", action="store_true")
     args = ap.parse_args()
 
-    import torch
-
-    from xmodal.config import LossSpec, apply_overrides, from_dict, to_dict
+    from xmodal.config import apply_overrides, from_dict, to_dict
     from xmodal.device import resolve_device
+    from xmodal.io import atomic_write_json
     from xmodal.students.clip import shrink_model_cfg
-    from xmodal.tasks.clip.config import DataConfig, InheritConfig, SyntheticDataConfig, TeacherConfig
-    from xmodal.tasks.clip.demo import DemoConfig
-    from xmodal.tasks.clip.job import (
-        build_student,
-        evaluate_clip,
-        make_evaluator,
-        obtain_teacher,
-        resolve_data,
-        train_clip,
-    )
+    from xmodal.tasks.clip.demo import QUICK, DemoConfig, demo_data, demo_teacher, train_student
+    from xmodal.tasks.clip.job import build_student, count_parameters, evaluate_clip
 
-    overrides = ["student_train.eval_every=25"]
+    overrides = list(args.overrides)
     if args.quick:
-        overrides += ["data_train=400", "data_val=64", "data_test=128", "teacher_train.steps=30",
-                      "student_train.eval_every=10"]
-        args.steps, args.seeds, args.lrs, args.no_report = 20, 2, "1e-3,2e-3", True
-    cfg = from_dict(DemoConfig, apply_overrides(to_dict(DemoConfig()), overrides + [f"out={args.out}"]))
-    cfg.student_train.steps = args.steps
+        overrides = QUICK + overrides
+        args.seeds, args.no_report = 2, True
+    cfg = from_dict(DemoConfig, apply_overrides(to_dict(DemoConfig()), overrides + [f"out={args.out}"]),
+                    source="bench_clip_distill.py --set")
+    demo_scratch_lr = cfg.scratch_lr if cfg.scratch_lr is not None else cfg.student_train.lr
+    lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else [demo_scratch_lr * f for f in (0.5, 1.0, 2.0)]
     out = Path(cfg.out)
     device = resolve_device("auto")
-    data_cfg = DataConfig(root=str(out / "data"), synthetic=SyntheticDataConfig(
-        train=cfg.data_train, val=cfg.data_val, test=cfg.data_test, seed=0))
-    paths = resolve_data(data_cfg)
-    t0 = time.perf_counter()
-    teacher = obtain_teacher(TeacherConfig(model_cfg=copy.deepcopy(cfg.teacher_cfg), train=cfg.teacher_train),
-                             paths, data_cfg, out, device)
-    teacher.model.eval().requires_grad_(False)
+    t0, c0 = time.perf_counter(), time.process_time()
+    data_cfg, paths = demo_data(cfg, progress=False)
+    teacher = demo_teacher(cfg, paths, data_cfg, device)
+    teacher_wall, teacher_cpu = time.perf_counter() - t0, time.process_time() - c0
     student_cfg = shrink_model_cfg(teacher.model_cfg, cfg.shrink)
+    student_runs: list[tuple[float, float]] = []
+
+    def evaluate(model) -> dict:
+        return evaluate_clip(model, paths.test, paths.zeroshot, cfg.eval_batch_size, device)
 
     def run(kind: str, seed: int, lr: float) -> tuple[dict, list]:
-        train = copy.deepcopy(cfg.student_train)
-        train.seed, train.lr = seed, lr
-        torch.manual_seed(seed)
-        distil = kind == "distilled"
-        student, _ = build_student(teacher, student_cfg, InheritConfig() if distil else None, device)
         run_dir = out / f"{kind}_seed{seed}_lr{lr:g}"
         if not (run_dir / "results_test.json").is_file():
-            train_clip(student, paths, data_cfg, train, run_dir, device=device,
-                       losses=cfg.distill_losses if distil else [LossSpec("clip")],
-                       teacher=teacher if distil else None,
-                       evaluator=make_evaluator(student, paths, "val", cfg.eval_batch_size, False, device))
-            from xmodal.io import atomic_write_json
-
-            atomic_write_json(run_dir / "results_test.json",
-                              evaluate_clip(student, paths.test, None, cfg.eval_batch_size, device))
+            w, c = time.perf_counter(), time.process_time()
+            student = train_student(cfg, kind, teacher, paths, data_cfg, device, seed, run_dir, lr=lr)
+            student_runs.append((time.perf_counter() - w, time.process_time() - c))
+            atomic_write_json(run_dir / "results_test.json", evaluate(student))
         return json.loads((run_dir / "results_test.json").read_text()), val_curve(run_dir)
 
-    lrs = [float(x) for x in args.lrs.split(",")]
     sweep = {lr: run("scratch", 0, lr) for lr in lrs}
     best_lr = max(lrs, key=lambda lr: sweep[lr][1][-1][1])
-    teacher_test = evaluate_clip(teacher, paths.test, None, cfg.eval_batch_size, device)
-    rows = {"scratch": [], "distilled": []}
+    teacher_test = evaluate(teacher)
+    rows: dict[str, list[dict]] = {"scratch": [], "distilled": []}
     reach = []
     for seed in range(args.seeds):
         scratch = sweep[best_lr] if seed == 0 else run("scratch", seed, best_lr)
@@ -113,40 +117,50 @@ def main() -> None:
         rows["scratch"].append(scratch[0])
         rows["distilled"].append(distilled[0])
         reach.append(steps_to_reach(distilled[1], scratch[1][-1][1]))
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+    n_teacher = count_parameters(teacher.model)
+    n_student = count_parameters(build_student(teacher, student_cfg, None, device)[0].model)
 
-    def col(kind: str, key: str) -> list[float]:
-        return [r[key] for r in rows[kind]]
-
+    changed = f" with {' '.join(args.overrides)}" if args.overrides else ""
     lines = [
-        f"Teacher: {sum(p.numel() for p in teacher.model.parameters()):,} params; student "
-        f"{sum(p.numel() for p in build_student(teacher, student_cfg, None, device)[0].model.parameters()):,} params "
-        f"(half width and depth); {args.steps} steps of batch {cfg.student_train.batch_size} for every student; "
-        f"{args.seeds} seeds; scratch learning rate tuned over {lrs} on validation T→I R@1 → {best_lr:g}.",
+        f"Settings: `xmodal demo`'s defaults{changed} (the teacher {cfg.teacher_train.steps} steps of batch "
+        f"{cfg.teacher_train.batch_size}, every student {cfg.student_train.steps} steps of batch "
+        f"{cfg.student_train.batch_size}; {cfg.data_train} training images at "
+        f"{teacher.model_cfg['vision_cfg']['image_size']} px). Teacher: {n_teacher:,} params; student {n_student:,} "
+        f"params (half width and depth); {args.seeds} seeds; scratch learning rate tuned over {lrs} on validation "
+        f"T→I R@1 → {best_lr:g} (the demo's: {demo_scratch_lr:g}); distilled at {cfg.student_train.lr:g}.",
         "",
-        "| model (test split) | I→T R@1 | T→I R@1 | I→T R@5 | T→I R@5 |",
-        "|---|---:|---:|---:|---:|",
-        f"| teacher | {teacher_test['image_to_text_R@1']:.1%} | {teacher_test['text_to_image_R@1']:.1%} | "
-        f"{teacher_test['image_to_text_R@5']:.1%} | {teacher_test['text_to_image_R@5']:.1%} |",
+        "| model (test split) | " + " | ".join(name for _, name in METRICS) + " |",
+        "|---|" + "---:|" * len(METRICS),
+        "| teacher | " + " | ".join(f"{teacher_test[k]:.1%}" if k in teacher_test else "–" for k, _ in METRICS) + " |",
     ]
     for kind, label in (("scratch", f"scratch (lr {best_lr:g})"), ("distilled", "inheritance + affinity")):
-        lines.append(f"| {label} | {mean_std(col(kind, 'image_to_text_R@1'))} | "
-                     f"{mean_std(col(kind, 'text_to_image_R@1'))} | {mean_std(col(kind, 'image_to_text_R@5'))} | "
-                     f"{mean_std(col(kind, 'text_to_image_R@5'))} |")
-    def gain(key: str) -> float:
-        return statistics.mean(col("distilled", key)) - statistics.mean(col("scratch", key))
-
-    gain_t2i, gain_i2t = gain("text_to_image_R@1"), gain("image_to_text_R@1")
+        cells = [mean_std([r[k] for r in rows[kind]]) if k in rows[kind][0] else "–" for k, _ in METRICS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    gains = {k: gain_summary(rows["distilled"], rows["scratch"], k) for k, _ in METRICS if k in rows["scratch"][0]}
+    lines += ["", "Gain of distillation, per seed (distilled − scratch; mean ± std over seeds, seeds where "
+                  "distilled is ahead):", ""]
+    for key, name in METRICS:
+        if key in gains:
+            g = gains[key]
+            verdict = "larger than its std" if g["significant"] else "NOT larger than its std"
+            lines.append(f"- {name}: {mean_std(g['diffs'], signed=True)} ({g['ahead']}/{len(g['diffs'])} seeds; "
+                         f"{verdict})")
     reach_txt = ", ".join("not reached" if r is None else str(r) for r in reach)
+    per_run = statistics.mean(w for w, _ in student_runs) if student_runs else 0.0
+    per_run_cpu = statistics.mean(c for _, c in student_runs) if student_runs else 0.0
     lines += [
-        "",
-        f"- distilled − scratch, R@1: I→T {gain_i2t:+.1%}, T→I {gain_t2i:+.1%} (mean over seeds)",
         f"- steps for the distilled student to reach the scratch student's final validation T→I R@1 "
-        f"(evaluated every {cfg.student_train.eval_every} steps; scratch used {args.steps}): {reach_txt}",
-        f"- wall time for the whole protocol: {elapsed / 60:.1f} min",
+        f"(evaluated every {cfg.student_train.eval_every} steps; scratch used {cfg.student_train.steps}): {reach_txt}",
+        f"- time: {elapsed / 60:.1f} min wall, {cpu / 60:.1f} min CPU for the whole protocol "
+        f"(data + teacher {teacher_wall:.0f} s wall / {teacher_cpu:.0f} s CPU"
+        f"{'' if teacher_cpu > 30 else ', reused from an earlier run'}; {len(student_runs)} student runs trained "
+        f"here, {per_run:.0f} s wall / {per_run_cpu:.0f} s CPU each on average, evaluation included)",
     ]
     body = "\n".join(lines)
     print(body)
+    atomic_write_json(out / "bench_results.json", {"teacher": teacher_test, "rows": rows, "best_lr": best_lr,
+                                                   "gains": gains, "reach": reach, "overrides": args.overrides})
     if not args.no_report:
         from _report import write_section
 

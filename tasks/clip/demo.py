@@ -8,8 +8,10 @@ retrieval and zero-shot classification, prints a table and writes a plot of the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,10 +36,11 @@ class DemoConfig:
     """Every knob of the demo; `xmodal demo --set key=value` overrides any of them."""
 
     out: str = "runs/demo"
-    seed: int = 0
+    seed: int = 0  # the world, and the students' initialisation and data order
     data_train: int = 4000
     data_val: int = 300
     data_test: int = 1000
+    zeroshot_per_class: int = 10  # single-object images per colour-shape class in the zero-shot task
     teacher_cfg: dict[str, Any] = field(default_factory=_teacher_cfg)
     teacher_train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=500, batch_size=64, lr=1e-3, weight_decay=0.1, warmup_steps=50, log_every=25))
@@ -45,74 +48,140 @@ class DemoConfig:
         "vision": {"layers": 2, "width": 0.5}, "text": {"layers": 2, "width": 0.5}})
     student_train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=250, batch_size=64, lr=1e-3, weight_decay=0.1, warmup_steps=25, log_every=25, eval_every=50))
+    scratch_lr: float | None = None  # the scratch student's learning rate when not student_train.lr
     distill_losses: list[LossSpec] = field(default_factory=lambda: [LossSpec("affinity", 1.0)])
     scratch_losses: list[LossSpec] = field(default_factory=lambda: [LossSpec("clip", 1.0)])
     eval_batch_size: int = 256
 
 
-def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+def demo_data(cfg: DemoConfig, progress: bool = True):
+    """Generate (or find) the synthetic world for these settings in `out/data/<settings hash>/`, at the teacher's
+    image size, and return its (DataConfig, DataPaths): a run with other data settings gets its own folder."""
+    from xmodal.data.scenes import WORLD_VERSION, generate_scene_dataset
+    from xmodal.fingerprint import hash_json
+    from xmodal.tasks.clip.config import DataConfig
+    from xmodal.tasks.clip.job import resolve_data
+
+    size = int(cfg.teacher_cfg.get("vision_cfg", {}).get("image_size", 64))
+    settings = {"train": cfg.data_train, "val": cfg.data_val, "test": cfg.data_test, "seed": cfg.seed,
+                "image_size": size, "zeroshot_per_class": cfg.zeroshot_per_class, "version": WORLD_VERSION}
+    root = Path(cfg.out) / "data" / hash_json(settings)[:12]
+    generate_scene_dataset(root, cfg.data_train, cfg.data_val, cfg.data_test, seed=cfg.seed, image_size=size,
+                           zeroshot_per_class=cfg.zeroshot_per_class, progress=progress)
+    data_cfg = DataConfig(root=str(root))
+    return data_cfg, resolve_data(data_cfg)
+
+
+def demo_teacher(cfg: DemoConfig, paths, data_cfg, device):
+    """The teacher CLIP, trained contrastively on the world's captions, or the one trained earlier with these
+    settings (kept in `out/teacher/<settings hash>/`)."""
+    from xmodal.tasks.clip.config import TeacherConfig
+    from xmodal.tasks.clip.job import obtain_teacher
+
+    spec = TeacherConfig(model_cfg=copy.deepcopy(cfg.teacher_cfg), train=cfg.teacher_train)
+    teacher = obtain_teacher(spec, paths, data_cfg, Path(cfg.out), device)
+    teacher.model.eval().requires_grad_(False)
+    return teacher
+
+
+def train_student(cfg: DemoConfig, kind: str, teacher, paths, data_cfg, device, seed: int, run_dir: Path,
+                  lr: float | None = None):
+    """One half-size student: `distilled` (weight inheritance + `distill_losses` against the teacher) or `scratch`
+    (random initialisation + `scratch_losses` on the captions); same steps and batches for both."""
+    import torch
+
+    from xmodal.students.clip import shrink_model_cfg
+    from xmodal.tasks.clip.config import InheritConfig
+    from xmodal.tasks.clip.job import build_student, make_evaluator, train_clip
+
+    if kind not in ("distilled", "scratch"):
+        raise ValueError(f"student kind must be 'distilled' or 'scratch', got {kind!r}")
+    distil = kind == "distilled"
+    train = copy.deepcopy(cfg.student_train)
+    train.seed = seed
+    if lr is not None:
+        train.lr = lr
+    elif not distil and cfg.scratch_lr is not None:
+        train.lr = cfg.scratch_lr
+    torch.manual_seed(seed)
+    student_cfg = shrink_model_cfg(teacher.model_cfg, cfg.shrink)
+    student, _ = build_student(teacher, student_cfg, InheritConfig() if distil else None, device)
+    train_clip(student, paths, data_cfg, train, run_dir, losses=cfg.distill_losses if distil else cfg.scratch_losses,
+               teacher=teacher if distil else None, config=to_dict(cfg), device=device,
+               evaluator=make_evaluator(student, paths, "val", cfg.eval_batch_size, False, device))
+    return student
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+@contextlib.contextmanager
+def phase(text: str):
+    """Print what starts now and, when it ends, how long it took (wall and this process's CPU time), so a piped
+    run (`xmodal demo | tee log`) shows where it is."""
+    print(text, flush=True)
+    wall, cpu = time.perf_counter(), time.process_time()
+    yield
+    print(f"      done in {_duration(time.perf_counter() - wall)} (CPU {_duration(time.process_time() - cpu)})",
+          flush=True)
+
+
+def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     """Run the demo and return the results table as a dict; writes everything under `cfg.out`."""
     import torch
 
     from xmodal.device import resolve_device, seed_everything
     from xmodal.students.clip import describe_model_cfg, shrink_model_cfg
-    from xmodal.tasks.clip.config import DataConfig, InheritConfig, SyntheticDataConfig, TeacherConfig
-    from xmodal.tasks.clip.job import (
-        build_student,
-        count_parameters,
-        evaluate_clip,
-        image_throughput,
-        make_evaluator,
-        obtain_teacher,
-        resolve_data,
-        train_clip,
-    )
+    from xmodal.tasks.clip.job import count_parameters, evaluate_clip, image_throughput
 
+    wall0, cpu0 = time.perf_counter(), time.process_time()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "demo.yaml", dump_yaml(cfg))
     seed_everything(cfg.seed)
     device = resolve_device(cfg.student_train.device)
-    data_cfg = DataConfig(root=str(out / "data"), synthetic=SyntheticDataConfig(
-        train=cfg.data_train, val=cfg.data_val, test=cfg.data_test, seed=cfg.seed))
-    print(f"[1/5] synthetic image-caption world → {out / 'data'}", flush=True)
-    paths = resolve_data(data_cfg)
+    threads = torch.get_num_threads()
+    where = f"CPU, {threads} thread{'s' * (threads != 1)}" if device.type == "cpu" else str(device)
+    print(f"xmodal demo on {where}; settings in {out / 'demo.yaml'}", flush=True)
+    with phase(f"[1/5] synthetic image-caption world: {cfg.data_train} train, {cfg.data_val} val, "
+               f"{cfg.data_test} test images, {cfg.zeroshot_per_class} zero-shot images per class"):
+        data_cfg, paths = demo_data(cfg, progress)
+        print(f"      in {paths.train.parent}", flush=True)
 
-    print("[2/5] teacher: train contrastively (or reuse the one trained with these settings)", flush=True)
-    teacher_spec = TeacherConfig(model_cfg=copy.deepcopy(cfg.teacher_cfg), train=cfg.teacher_train)
-    teacher = obtain_teacher(teacher_spec, paths, data_cfg, out, device)
-    teacher.model.eval().requires_grad_(False)
+    with phase(f"[2/5] teacher {describe_model_cfg(cfg.teacher_cfg)}: {cfg.teacher_train.steps} contrastive steps "
+               "(reused when trained before with these settings)"):
+        teacher = demo_teacher(cfg, paths, data_cfg, device)
 
     student_cfg = shrink_model_cfg(teacher.model_cfg, cfg.shrink)
-    runs = {}
-    print(f"[3/5] distil student {describe_model_cfg(student_cfg)}: inheritance + "
-          f"{'+'.join(s.name for s in cfg.distill_losses)}", flush=True)
-    distilled, _ = build_student(teacher, student_cfg, InheritConfig(), device)
-    train_clip(distilled, paths, data_cfg, cfg.student_train, out / "distilled", losses=cfg.distill_losses,
-               teacher=teacher, config=to_dict(cfg), device=device,
-               evaluator=make_evaluator(distilled, paths, "val", cfg.eval_batch_size, False, device))
-    runs["distilled"] = distilled
+    steps = cfg.student_train.steps
+    runs = {"teacher": teacher}
+    with phase(f"[3/5] distilled student {describe_model_cfg(student_cfg)}: weight inheritance + "
+               f"{'+'.join(s.name for s in cfg.distill_losses)}, {steps} steps"):
+        runs["distilled"] = train_student(cfg, "distilled", teacher, paths, data_cfg, device, cfg.seed,
+                                          out / "distilled")
+    with phase(f"[4/5] the same student from scratch: {'+'.join(s.name for s in cfg.scratch_losses)} on the "
+               f"captions, {steps} steps"):
+        runs["scratch"] = train_student(cfg, "scratch", teacher, paths, data_cfg, device, cfg.seed, out / "scratch")
 
-    print("[4/5] the same student from scratch, same steps, contrastive loss on captions", flush=True)
-    torch.manual_seed(cfg.seed)
-    scratch, _ = build_student(teacher, student_cfg, None, device)
-    train_clip(scratch, paths, data_cfg, cfg.student_train, out / "scratch", losses=cfg.scratch_losses,
-               config=to_dict(cfg), device=device,
-               evaluator=make_evaluator(scratch, paths, "val", cfg.eval_batch_size, False, device))
-    runs["scratch"] = scratch
-
-    print("[5/5] held-out evaluation (test split: retrieval + zero-shot)", flush=True)
     rows = {}
     image_size = teacher.model_cfg["vision_cfg"]["image_size"]
-    for name, m in (("teacher", teacher), ("distilled", distilled), ("scratch", scratch)):
-        metrics = evaluate_clip(m, paths.test, paths.zeroshot, cfg.eval_batch_size, device)
-        rows[name] = {
-            "params": count_parameters(m.model),
-            "images_per_s": image_throughput(m.model, image_size, device),
-            **metrics,
-        }
+    with phase("[5/5] held-out evaluation: retrieval on the test split, zero-shot classification of single objects"):
+        for name, m in runs.items():
+            metrics = evaluate_clip(m, paths.test, paths.zeroshot, cfg.eval_batch_size, device)
+            rows[name] = {
+                "params": count_parameters(m.model),
+                "images_per_s": image_throughput(m.model, image_size, device),
+                **metrics,
+            }
+            zs = f", zero-shot top-1 {metrics['zeroshot_top1']:.1%}" if "zeroshot_top1" in metrics else ""
+            print(f"      {name}: I→T R@1 {metrics['image_to_text_R@1']:.1%}, "
+                  f"T→I R@1 {metrics['text_to_image_R@1']:.1%}{zs}", flush=True)
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     results = {"rows": rows, "student": describe_model_cfg(student_cfg),
-               "teacher": describe_model_cfg(teacher.model_cfg), "steps": cfg.student_train.steps}
+               "teacher": describe_model_cfg(teacher.model_cfg), "steps": steps,
+               "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "device": where}
     atomic_write_json(out / "results.json", results)
     table = results_table(rows)
     atomic_write_text(out / "results.md", table + "\n")
@@ -121,6 +190,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     plot = plot_curves({"distilled": out / "distilled", "scratch": out / "scratch"}, out / "curves.png")
     print(f"\nrun folder: {out} (checkpoints, metrics.jsonl per run, results.json, results.md"
           f"{', ' + plot.name if plot else ''})")
+    print(f"took {_duration(wall)} (CPU time {_duration(cpu)}; {where})", flush=True)
     return results
 
 
