@@ -256,3 +256,29 @@ def test_bad_input_is_a_named_error_and_leaves_nothing_behind(finished, tmp_path
     with pytest.raises(error, match=match):
         run_job(write(tmp_path, cfg))
     assert not (tmp_path / "run").exists()
+
+
+def test_eval_on_another_class_set_stores_its_class_vectors_once(finished, tmp_path, monkeypatch):
+    import xmodal.tasks.prompt.cli as cli
+    from xmodal.cli import main
+
+    task = zeroshot_task(finished)
+    keep = task["classnames"][:3]
+    other = {"classnames": keep, "templates": ["a drawing of a {}", "one {}"],
+             "images": [{"filepath": str(finished["data"] / im["filepath"]), "label": im["label"]}
+                        for im in task["images"] if im["label"] < 3]}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    loaded = []
+    original = cli._load_clip
+    monkeypatch.setattr(cli, "_load_clip", lambda src, what, dev: loaded.append(what) or original(src, what, dev))
+    store = tmp_path / "other_vectors.safetensors"
+    args = ["eval", "zeroshot", "--model", str(finished["run"]), "--data", str(tmp_path / "other.json"),
+            "--class-vectors", str(store), "--out", str(tmp_path / "a.json"), "--no-progress"]
+    assert main(args) == 0
+    assert loaded == ["student", "teacher"] and store.is_file()  # the teacher's text tower ran once, to store them
+    first = json.loads((tmp_path / "a.json").read_text())
+    assert first["classes"] == 3 and {"base", "novel", "hm"} <= set(first)
+    loaded.clear()
+    assert main(args) == 0
+    assert loaded == ["student"]
+    assert json.loads((tmp_path / "a.json").read_text())["top1"] == first["top1"]
