@@ -3,6 +3,7 @@ when an image cannot be read."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import time
 
@@ -20,7 +21,14 @@ from xmodal.losses import build_losses
 
 WORLD = 2
 GLOBAL_BATCH = 8
-TIMEOUT_S = 180  # a hung collective fails the test instead of hanging the suite
+# A hung collective is caught inside the processes: a rank that waits this long for the other in a collective (or
+# in the rendezvous) fails with gloo's timeout error and its traceback. Once both ranks have joined, they wait for
+# each other a fraction of a second per step, so this only trips on a real hang or a dead peer.
+COLLECTIVE_TIMEOUT_S = 300
+# The whole spawn, interpreter start-up included: only a backstop for a process stuck outside any collective. Start-up
+# dominates under load (each process imports torch and xmodal: seconds alone, over 100 s for the pair on a
+# saturated 2-core machine), so a tight wall-clock limit here fails slow runs that are not hung.
+TIMEOUT_S = 900
 LOSSES = [{"name": "affinity", "params": {"learn_scale": True}}, {"name": "clip", "weight": 0.5}]
 
 
@@ -62,8 +70,13 @@ def fit(run_dir) -> dict:
     return {"state": student.state_dict(), "loss": result["loss"]}
 
 
+def join_group(rank: int, init_file: str, timeout_s: float = COLLECTIVE_TIMEOUT_S) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    join_group(rank, init_file)
     try:
         torch.set_num_threads(1)
         batch = global_batch()
@@ -76,15 +89,18 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 def spawn(fn, args: tuple) -> None:
-    """Run `fn(rank, *args)` in WORLD processes; fail (and stop them) if they do not finish within TIMEOUT_S."""
+    """Run `fn(rank, *args)` in WORLD processes. A rank that fails (a collective timing out included) fails the test
+    with its traceback; processes still running after TIMEOUT_S are stopped and the test fails."""
     ctx = mp.spawn(fn, args=args, nprocs=WORLD, join=False)
     deadline = time.monotonic() + TIMEOUT_S
     while not ctx.join(timeout=1.0):
         if time.monotonic() > deadline:
+            alive = [rank for rank, p in enumerate(ctx.processes) if p.is_alive()]
             for p in ctx.processes:
                 if p.is_alive():
                     p.kill()
-            pytest.fail(f"the {WORLD} processes did not finish within {TIMEOUT_S} s (a collective hung)")
+                p.join()
+            pytest.fail(f"ranks {alive} of {WORLD} neither finished nor failed within {TIMEOUT_S} s")
 
 
 def test_two_process_gloo_matches_single_process(tmp_path):
@@ -162,7 +178,7 @@ def fit_broken(csv: str, run_dir) -> dict:
 
 
 def _broken_worker(rank: int, init_file: str, out_dir: str, csv: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    join_group(rank, init_file)
     try:
         torch.set_num_threads(1)
         torch.save(fit_broken(csv, f"{out_dir}/run"), f"{out_dir}/broken_rank{rank}.pt")
@@ -182,3 +198,24 @@ def test_unreadable_image_keeps_ranks_in_step(tmp_path):
         for k, v in reference["state"].items():
             torch.testing.assert_close(run["state"][k], v, rtol=1e-5, atol=1e-6, msg=k)
         assert abs(run["loss"] - reference["loss"]) < 1e-5 and run["skipped"] == 1
+
+
+# ---------------------------------------------------------------- the harness itself
+
+
+def _hanging_worker(rank: int, init_file: str) -> None:
+    join_group(rank, init_file, timeout_s=3)
+    try:
+        if rank == 0:
+            dist.all_reduce(torch.ones(1))  # rank 1 never joins this collective
+        else:
+            time.sleep(120)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_hung_collective_fails_fast_naming_the_rank(tmp_path):
+    """A hang is caught by the collective timeout inside the processes, with the waiting rank's traceback, not by
+    the harness's wall-clock backstop (which also counts interpreter start-up, slow under load)."""
+    with pytest.raises(mp.ProcessRaisedException, match=r"(?s)Process 0 terminated.*all_reduce.*Timed out"):
+        spawn(_hanging_worker, (str(tmp_path / "init"),))
