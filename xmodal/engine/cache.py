@@ -534,10 +534,14 @@ class TeacherCache:
     def _check_identity(self, recorded: str, fingerprint: str | None, data: DataIdentity | None) -> None:
         """Refuse another teacher, other data, or data files changed since the build, saying what differs."""
         rebuild = "rebuild it with this teacher and data (`xmodal cache CONFIG`)"
-        if fingerprint is not None:
-            why = describe_difference(recorded, fingerprint)
-            if why:
-                raise CheckpointError(f"teacher cache {self.path} does not fit this run: {why}; {rebuild}")
+        changed = self.data.changed_files() if self.data is not None else []
+        why = describe_difference(recorded, fingerprint) if fingerprint is not None else None
+        if changed:  # the most specific answer: name the edited files, and what else differs for this run
+            also = f"; it does not fit this run: {why}" if why else ""
+            raise CheckpointError(f"teacher cache {self.path} was built from data that changed since: "
+                                  f"{'; '.join(changed)}{also}; {rebuild}")
+        if why:
+            raise CheckpointError(f"teacher cache {self.path} does not fit this run: {why}; {rebuild}")
         if data is not None:
             if self.data is None:
                 raise CheckpointError(f"teacher cache {self.path} records no data identity (made by an older "
@@ -546,10 +550,6 @@ class TeacherCache:
             if names:
                 raise CheckpointError(f"teacher cache {self.path} was built for other data ({', '.join(names)} "
                                       f"differ); {rebuild}")
-        changed = self.data.changed_files() if self.data is not None else []
-        if changed:
-            raise CheckpointError(f"teacher cache {self.path} was built from data that changed since: "
-                                  f"{'; '.join(changed)}; {rebuild}")
 
     def _open_shard(self, entry: Mapping[str, Any], verify: str) -> dict[str, Any]:
         folder = self.path / entry["name"]
