@@ -80,7 +80,8 @@ class PromptDataConfig:
     """Images: `train` is a folder of images (no labels needed) or a task JSON (zeroshot.json format); `val` and
     `test` are labelled task JSONs. Without `val`, `val_fraction` of the training images (chosen by their key) are
     held out to choose the checkpoint. Relative paths are taken inside `root`. `captions` is the image-caption
-    file a `teacher.train` / `student.train` block trains on."""
+    file a `teacher.train` / `student.train` block trains on. In the synthetic world, `train` and `val` default to
+    the single-object images of its train and val splits (set `train: images/train` for every training image)."""
 
     root: str | None = None
     synthetic: PromptSyntheticConfig | None = None

@@ -98,12 +98,13 @@ def _synthetic(cfg: PromptDistillConfig, root: Path | None) -> None:
                            progress=False)
 
 
-def _synthetic_val(root: Path, classes: ClassList) -> list[ImageItem]:
-    """The single-object images of the synthetic world's validation split, labelled by their scene."""
+def _synthetic_items(root: Path, classes: ClassList, split: str) -> list[ImageItem]:
+    """The single-object images of a split of the synthetic world, labelled by their scene (the labels are used
+    only where something asks for them: validation, `classes.train: base`, a cross-entropy term)."""
     from xmodal.data.scenes import load_world, zeroshot_task
 
-    task = zeroshot_task(load_world(root), "val")
-    _same_classes(task.classnames, classes, f"{root} (validation split)")
+    task = zeroshot_task(load_world(root), split)
+    _same_classes(task.classnames, classes, f"{root} ({split} split)")
     return [ImageItem(str((root / p).resolve()), p, int(y)) for p, y in sorted(task.labels.items())]
 
 
@@ -139,16 +140,20 @@ def resolve_prompt_data(cfg: PromptDistillConfig) -> PromptData:
         return p if p.is_absolute() or root is None else root / p
 
     classes = resolve_classes(cfg, root)
-    train_name = d.train or ("images/train" if d.synthetic is not None else None)
-    if train_name is None:
+    if d.train:
+        train_source = str(path(d.train))
+        names, items = read_images(path(d.train))
+        _same_classes(names, classes, train_source)
+    elif d.synthetic is not None:
+        train_source = f"{root} (single-object images of the train split)"
+        items = _synthetic_items(root, classes, "train")
+    else:
         raise ConfigError("data.train: give an image folder (no labels needed) or a task JSON of training images")
-    names, items = read_images(path(train_name))
-    _same_classes(names, classes, str(path(train_name)))
     if d.val:
         names_v, val = read_task_items(path(d.val))
         _same_classes(names_v, classes, str(path(d.val)))
     elif d.synthetic is not None:
-        val = _synthetic_val(root, classes)
+        val = _synthetic_items(root, classes, "val")
     else:
         items, val = split_items(items, d.val_fraction)
     test: list[ImageItem] = []
@@ -160,7 +165,7 @@ def resolve_prompt_data(cfg: PromptDistillConfig) -> PromptData:
             if group:
                 check_readable(group, what)
     captions = path(d.captions) if d.captions else None
-    return PromptData(classes, items, val, test, root, captions, str(path(train_name)))
+    return PromptData(classes, items, val, test, root, captions, train_source)
 
 
 # ---------------------------------------------------------------------------------------------- models
