@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -43,6 +44,12 @@ def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
     return next((step for step, v in curve if v >= target), None)
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of its finished worker processes."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def mean_std(xs: list[float], signed: bool = False) -> str:
     sign = "+" if signed else ""
     if len(xs) == 1:
@@ -58,6 +65,30 @@ def gain_summary(distilled: list[dict], scratch: list[dict], key: str) -> dict:
             "significant": len(diffs) > 1 and statistics.mean(diffs) > std}
 
 
+def train_one(cfg_dict: dict, kind: str, seed: int, lr: float, folder: Path, teacher=None) -> tuple[float, float]:
+    """Train one student, write its test-split results beside it; (wall, CPU) seconds. Runs in a worker process
+    too: there it finds the data and the trained teacher on disk (one torch thread per worker)."""
+    import torch
+
+    from xmodal.config import from_dict
+    from xmodal.device import resolve_device
+    from xmodal.io import atomic_write_json
+    from xmodal.tasks.clip.demo import DemoConfig, demo_data, demo_teacher, train_student
+    from xmodal.tasks.clip.job import evaluate_clip
+
+    w, c = time.perf_counter(), time.process_time()
+    cfg = from_dict(DemoConfig, cfg_dict)
+    device = resolve_device(cfg.student_train.device)
+    if teacher is None:
+        torch.set_num_threads(1)
+    data_cfg, paths = demo_data(cfg, progress=False)
+    teacher = teacher or demo_teacher(cfg, paths, data_cfg, device)
+    student = train_student(cfg, kind, teacher, paths, data_cfg, device, seed, folder, lr=lr)
+    atomic_write_json(folder / "results_test.json",
+                      evaluate_clip(student, paths.test, paths.zeroshot, cfg.eval_batch_size, device))
+    return time.perf_counter() - w, time.process_time() - c
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/bench_clip_distill")
@@ -66,16 +97,15 @@ def main() -> None:
                     help="scratch learning rates to tune over (default: the demo's scratch rate ×0.5, ×1, ×2)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="change a demo setting, e.g. --set student_train.steps=500 (the report names it)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="student runs side by side in worker processes, one torch thread each (default 1: in turn)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-report", action="store_true")
     args = ap.parse_args()
 
     from xmodal.config import apply_overrides, from_dict, to_dict
     from xmodal.device import resolve_device
-    from xmodal.io import atomic_write_json
-    from xmodal.students.clip import shrink_model_cfg
-    from xmodal.tasks.clip.demo import QUICK, DemoConfig, demo_data, demo_teacher, train_student
-    from xmodal.tasks.clip.job import build_student, count_parameters, evaluate_clip
+    from xmodal.tasks.clip.demo import QUICK, DemoConfig, cpu_threads
 
     overrides = list(args.overrides)
     if args.quick:
@@ -86,38 +116,70 @@ def main() -> None:
     demo_scratch_lr = cfg.scratch_lr if cfg.scratch_lr is not None else cfg.student_train.lr
     lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else [demo_scratch_lr * f for f in (0.5, 1.0, 2.0)]
     out = Path(cfg.out)
-    device = resolve_device("auto")
-    t0, c0 = time.perf_counter(), time.process_time()
+    device = resolve_device(cfg.student_train.device)
+    with cpu_threads(cfg.threads, device) as note:
+        if note:
+            print(f"threads: {note.strip(' ()')}", flush=True)
+        measure(args, cfg, lrs, demo_scratch_lr, out, device)
+
+
+def measure(args, cfg, lrs: list[float], demo_scratch_lr: float, out: Path, device) -> None:
+    """Train and evaluate every run of the protocol, print the report and write it to BENCHMARKS.md."""
+    import torch
+
+    from xmodal.config import to_dict
+    from xmodal.fingerprint import hash_json
+    from xmodal.io import atomic_write_json
+    from xmodal.students.clip import shrink_model_cfg
+    from xmodal.tasks.clip.demo import demo_data, demo_teacher
+    from xmodal.tasks.clip.job import build_student, count_parameters, evaluate_clip
+
+    t0, c0 = time.perf_counter(), cpu_seconds()
     data_cfg, paths = demo_data(cfg, progress=False)
+    exported = set((out / "teacher").glob("*/open_clip/open_clip_config.json"))
     teacher = demo_teacher(cfg, paths, data_cfg, device)
-    teacher_wall, teacher_cpu = time.perf_counter() - t0, time.process_time() - c0
+    teacher_reused = not set((out / "teacher").glob("*/open_clip/open_clip_config.json")) - exported
+    teacher_wall, teacher_cpu = time.perf_counter() - t0, cpu_seconds() - c0
     student_cfg = shrink_model_cfg(teacher.model_cfg, cfg.shrink)
     student_runs: list[tuple[float, float]] = []
 
-    def evaluate(model) -> dict:
-        return evaluate_clip(model, paths.test, paths.zeroshot, cfg.eval_batch_size, device)
+    # finished runs are reused only under the same settings: other settings train in another folder
+    settings_key = hash_json({k: v for k, v in to_dict(cfg).items() if k != "out"})[:10]
 
-    def run(kind: str, seed: int, lr: float) -> tuple[dict, list]:
-        run_dir = out / f"{kind}_seed{seed}_lr{lr:g}"
-        if not (run_dir / "results_test.json").is_file():
-            w, c = time.perf_counter(), time.process_time()
-            student = train_student(cfg, kind, teacher, paths, data_cfg, device, seed, run_dir, lr=lr)
-            student_runs.append((time.perf_counter() - w, time.process_time() - c))
-            atomic_write_json(run_dir / "results_test.json", evaluate(student))
-        return json.loads((run_dir / "results_test.json").read_text()), val_curve(run_dir)
+    def run_dir(kind: str, seed: int, lr: float) -> Path:
+        return out / "students" / settings_key / f"{kind}_seed{seed}_lr{lr:g}"
 
-    sweep = {lr: run("scratch", 0, lr) for lr in lrs}
+    def train_all(jobs: list[tuple[str, int, float]]) -> None:
+        """Train the runs that have no results yet, `--workers` at a time."""
+        todo = [(kind, seed, lr, run_dir(kind, seed, lr)) for kind, seed, lr in jobs
+                if not (run_dir(kind, seed, lr) / "results_test.json").is_file()]
+        if args.workers > 1 and len(todo) > 1:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(min(args.workers, len(todo)), mp_context=mp.get_context("spawn")) as pool:
+                student_runs.extend(pool.map(train_one, [to_dict(cfg)] * len(todo), *zip(*todo)))
+        else:
+            student_runs.extend(train_one(to_dict(cfg), *job, teacher=teacher) for job in todo)
+
+    def result(kind: str, seed: int, lr: float) -> tuple[dict, list]:
+        folder = run_dir(kind, seed, lr)
+        return json.loads((folder / "results_test.json").read_text()), val_curve(folder)
+
+    train_all([("scratch", 0, lr) for lr in lrs] + [("distilled", s, cfg.student_train.lr) for s in range(args.seeds)])
+    sweep = {lr: result("scratch", 0, lr) for lr in lrs}
     best_lr = max(lrs, key=lambda lr: sweep[lr][1][-1][1])
-    teacher_test = evaluate(teacher)
+    train_all([("scratch", s, best_lr) for s in range(1, args.seeds)])
+    teacher_test = evaluate_clip(teacher, paths.test, paths.zeroshot, cfg.eval_batch_size, device)
     rows: dict[str, list[dict]] = {"scratch": [], "distilled": []}
     reach = []
     for seed in range(args.seeds):
-        scratch = sweep[best_lr] if seed == 0 else run("scratch", seed, best_lr)
-        distilled = run("distilled", seed, cfg.student_train.lr)
+        scratch = result("scratch", seed, best_lr)
+        distilled = result("distilled", seed, cfg.student_train.lr)
         rows["scratch"].append(scratch[0])
         rows["distilled"].append(distilled[0])
         reach.append(steps_to_reach(distilled[1], scratch[1][-1][1]))
-    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+    elapsed, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     n_teacher = count_parameters(teacher.model)
     n_student = count_parameters(build_student(teacher, student_cfg, None, device)[0].model)
 
@@ -147,6 +209,10 @@ def main() -> None:
             lines.append(f"- {name}: {mean_std(g['diffs'], signed=True)} ({g['ahead']}/{len(g['diffs'])} seeds; "
                          f"{verdict})")
     reach_txt = ", ".join("not reached" if r is None else str(r) for r in reach)
+    n = torch.get_num_threads()
+    threads = f"{n} torch thread{'s' * (n != 1)}"
+    if args.workers > 1:
+        threads += f", student runs {args.workers} side by side with one thread each"
     per_run = statistics.mean(w for w, _ in student_runs) if student_runs else 0.0
     per_run_cpu = statistics.mean(c for _, c in student_runs) if student_runs else 0.0
     lines += [
@@ -154,8 +220,9 @@ def main() -> None:
         f"(evaluated every {cfg.student_train.eval_every} steps; scratch used {cfg.student_train.steps}): {reach_txt}",
         f"- time: {elapsed / 60:.1f} min wall, {cpu / 60:.1f} min CPU for the whole protocol "
         f"(data + teacher {teacher_wall:.0f} s wall / {teacher_cpu:.0f} s CPU"
-        f"{'' if teacher_cpu > 30 else ', reused from an earlier run'}; {len(student_runs)} student runs trained "
-        f"here, {per_run:.0f} s wall / {per_run_cpu:.0f} s CPU each on average, evaluation included)",
+        f"{', the teacher reused from an earlier run' if teacher_reused else ''}; {len(student_runs)} student runs "
+        f"trained here, {per_run:.0f} s wall / {per_run_cpu:.0f} s CPU each on average, evaluation included; "
+        f"{threads})",
     ]
     body = "\n".join(lines)
     print(body)

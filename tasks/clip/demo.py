@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import copy
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 def _teacher_cfg() -> dict:
     return {
         "embed_dim": 128,
-        "vision_cfg": {"image_size": 64, "patch_size": 8, "layers": 4, "width": 128, "head_width": 32},
+        "vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 4, "width": 128, "head_width": 32},
         "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4},
     }
 
@@ -43,15 +44,39 @@ class DemoConfig:
     zeroshot_per_class: int = 10  # single-object images per colour-shape class in the zero-shot task
     teacher_cfg: dict[str, Any] = field(default_factory=_teacher_cfg)
     teacher_train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=500, batch_size=64, lr=1e-3, weight_decay=0.1, warmup_steps=50, log_every=25))
+        steps=400, batch_size=64, lr=1e-3, weight_decay=0.1, warmup_steps=40, log_every=25))
     shrink: dict[str, Any] = field(default_factory=lambda: {
         "vision": {"layers": 2, "width": 0.5}, "text": {"layers": 2, "width": 0.5}})
     student_train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=250, batch_size=64, lr=1e-3, weight_decay=0.1, warmup_steps=25, log_every=25, eval_every=50))
-    scratch_lr: float | None = None  # the scratch student's learning rate when not student_train.lr
+    scratch_lr: float | None = 2e-3  # the scratch student's rate (None: student_train.lr), tuned on validation
     distill_losses: list[LossSpec] = field(default_factory=lambda: [LossSpec("affinity", 1.0)])
     scratch_losses: list[LossSpec] = field(default_factory=lambda: [LossSpec("clip", 1.0)])
     eval_batch_size: int = 256
+    threads: int = 0  # CPU threads for torch; 0: all cores when idle, 1 when other jobs keep them busy
+
+
+def choose_threads(requested: int = 0) -> int:
+    """CPU threads for the demo. 0 picks: torch's default (OMP_NUM_THREADS or one per core) when the cores are
+    idle, fewer when the load average shows other jobs on them, because torch's threads then wait on each other
+    for their turn and a small model trains several times slower than on one thread."""
+    import torch
+
+    from xmodal.errors import ConfigError
+
+    if requested < 0:
+        raise ConfigError(f"threads must be 0 (automatic) or a positive count, got {requested}")
+    if requested:
+        return requested
+    default = torch.get_num_threads()
+    if "OMP_NUM_THREADS" in os.environ or default <= 1:
+        return default
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average on this platform
+        return default
+    idle = (os.cpu_count() or default) - busy
+    return max(1, min(default, int(idle + 0.5)))
 
 
 def demo_data(cfg: DemoConfig, progress: bool = True):
@@ -128,8 +153,36 @@ def phase(text: str):
           flush=True)
 
 
+@contextlib.contextmanager
+def cpu_threads(requested: int = 0, device=None):
+    """Run a block with `choose_threads(requested)` torch CPU threads (on CPU), then restore the previous count.
+    Yields a note for the user when fewer threads than torch's default were chosen."""
+    import torch
+
+    before = torch.get_num_threads()
+    if device is not None and torch.device(device).type != "cpu":
+        yield ""
+        return
+    torch.set_num_threads(choose_threads(requested))
+    note = ""
+    if torch.get_num_threads() < before:
+        note = (f" (other jobs keep the cores busy, so fewer than {before} threads; --set threads={before} to use "
+                "them all)")
+    try:
+        yield note
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     """Run the demo and return the results table as a dict; writes everything under `cfg.out`."""
+    from xmodal.device import resolve_device
+
+    with cpu_threads(cfg.threads, resolve_device(cfg.student_train.device)) as note:
+        return _run_demo(cfg, progress, note)
+
+
+def _run_demo(cfg: DemoConfig, progress: bool, note: str) -> dict[str, Any]:
     import torch
 
     from xmodal.device import resolve_device, seed_everything
@@ -144,7 +197,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     device = resolve_device(cfg.student_train.device)
     threads = torch.get_num_threads()
     where = f"CPU, {threads} thread{'s' * (threads != 1)}" if device.type == "cpu" else str(device)
-    print(f"xmodal demo on {where}; settings in {out / 'demo.yaml'}", flush=True)
+    print(f"xmodal demo on {where}{note}; settings in {out / 'demo.yaml'}", flush=True)
     with phase(f"[1/5] synthetic image-caption world: {cfg.data_train} train, {cfg.data_val} val, "
                f"{cfg.data_test} test images, {cfg.zeroshot_per_class} zero-shot images per class"):
         data_cfg, paths = demo_data(cfg, progress)
@@ -253,8 +306,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a much smaller run to check the setup")
 
 
-QUICK = ["data_train=400", "data_val=64", "data_test=128", "teacher_train.steps=30", "student_train.steps=20",
-         "student_train.eval_every=10", "teacher_train.log_every=10", "student_train.log_every=10"]
+QUICK = ["data_train=400", "data_val=64", "data_test=128", "zeroshot_per_class=2", "teacher_train.steps=30",
+         "student_train.steps=20", "student_train.eval_every=10", "teacher_train.log_every=10",
+         "student_train.log_every=10"]
 
 
 def run(args: argparse.Namespace) -> int:
