@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 def _teacher_cfg() -> dict:
     return {
         "embed_dim": 128,
-        "vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 4, "width": 128, "head_width": 32},
+        "vision_cfg": {"image_size": 64, "patch_size": 16, "layers": 4, "width": 128, "head_width": 32},
         "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4},
     }
 
