@@ -86,3 +86,16 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     line = json.dumps(record, default=float) + "\n"
     with open(path, "a", encoding="utf-8") as f:
         f.write(line)
+
+
+def record_matches(path: str | os.PathLike, expected: dict) -> bool | None:
+    """Whether the JSON record at `path` (a generated data set's description) holds `expected`'s values: True,
+    False when it describes something else, None when there is no readable record."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        have = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return {k: have.get(k) for k in expected} == expected

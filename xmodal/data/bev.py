@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from xmodal.errors import ConfigError, DataError
+from xmodal.io import record_matches
 
 log = logging.getLogger(__name__)
 
@@ -400,15 +401,9 @@ def _params(n_scenes: int, seed: int, cfg: BEVWorldConfig) -> dict:
 
 def _is_complete(out: Path, expected: dict) -> bool | None:
     """True when `out` holds exactly this data set, False when it holds another, None when it holds none."""
-    meta = out / "dataset.json"
-    if not meta.is_file():
-        return None
-    try:
-        have = json.loads(meta.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    if {k: have.get(k) for k in expected} != expected:
-        return False
+    matches = record_matches(out / "dataset.json", expected)
+    if not matches:
+        return matches
     return all((out / d).is_dir() for d in ("points", "labels", f"images/{CAMERA}"))
 
 

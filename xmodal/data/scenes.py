@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from xmodal.errors import ConfigError, DataError
+from xmodal.io import record_matches
 
 log = logging.getLogger(__name__)
 
@@ -674,15 +675,9 @@ def _params(world: SceneWorld) -> dict:
 
 def _is_complete(out: Path, expected: dict) -> bool | None:
     """True when `out` holds exactly this world, False when it holds another, None when it holds none."""
-    meta = out / "world.json"
-    if not meta.is_file():
-        return None
-    try:
-        have = json.loads(meta.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    if {k: have.get(k) for k in expected} != expected:
-        return False
+    matches = record_matches(out / "world.json", expected)
+    if not matches:
+        return matches
     needed = [f"{s}.csv" for s in SPLITS] + ["scenes.jsonl", "zeroshot.json"]
     needed += [f"images/{s}" for s in expected["counts"]]
     return all((out / p).exists() for p in needed)
