@@ -183,3 +183,22 @@ def test_ofa_refuses_mismatched_widths_and_missing_sizes():
     loss = LOSSES.build("ofa", dim=6, num_classes=4)
     with pytest.raises(ConfigError, match="set dim and num_classes"):
         loss(one(rand(2, 5)), one(torch.zeros(2, 2), logits=rand(2, 4)), {"label": torch.tensor([0, 1])})
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("code ran while loading",))
+
+
+def test_nd_class_means_file_with_pickled_code_is_refused_by_name(tmp_path):
+    from xmodal.errors import CheckpointError
+
+    path = tmp_path / "means.pt"
+    torch.save({"class_means": _Payload()}, path)
+    with pytest.raises(CheckpointError, match="means.pt") as info:
+        load_class_means(path)
+    assert "class means file" in str(info.value)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match="garbage.pt"):
+        load_class_means(garbage)

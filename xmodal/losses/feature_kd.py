@@ -64,10 +64,9 @@ def load_class_means(path: str | os.PathLike) -> Tensor:
         except ValueError as e:
             raise DataError(f"class means file {path} cannot be read: {e}") from None
     else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is the same error to the user
-            raise DataError(f"class means file {path} cannot be read as a torch file: {e}") from None
+        from xmodal.weights import load_weights
+
+        obj = load_weights(path, what="class means file")
         means = obj.get("class_means") if isinstance(obj, Mapping) else obj
     if not isinstance(means, Tensor) or means.dim() != 2 or not means.is_floating_point():
         got = list(means.shape) if isinstance(means, Tensor) else type(means).__name__
