@@ -27,7 +27,7 @@ from torch import Tensor, nn
 import xmodal.adapters.speech  # noqa: F401  (registers the audio/video adapters with the teachers)
 from xmodal.data.vocab import BLANK, SOS_EOS
 from xmodal.device import resolve_device
-from xmodal.errors import CheckpointError, ConfigError
+from xmodal.errors import CheckpointError, ConfigError, DataError
 from xmodal.fingerprint import model_fingerprint
 from xmodal.models import config_value, register_teacher
 from xmodal.nn.recognizer import (
@@ -192,6 +192,7 @@ class Wav2Vec2Encoder(nn.Module):
 
     input_features = "waveform"  # what it reads from batch["audio"] (AudioConfig.features)
     blank = 0  # index of the CTC blank: "-"/"<pad>" in torchaudio's label sets, mapped to 0 by `label_map`
+    sample_rate = 16000  # every wav2vec2 / HuBERT / WavLM checkpoint of torchaudio and fairseq reads 16 kHz audio
 
     def __init__(self, model: nn.Module, label_map: Sequence[int] | None = None, normalize_waveform: bool = False):
         super().__init__()
@@ -200,6 +201,16 @@ class Wav2Vec2Encoder(nn.Module):
         self.normalize_waveform = normalize_waveform
         self.register_buffer("label_map", None if label_map is None else torch.tensor(list(label_map)),
                              persistent=False)
+
+    @property
+    def min_samples(self) -> int:
+        """Receptive field of the convolutional feature extractor (400 samples = 25 ms for the standard models):
+        shorter audio gives no encoder frame at all."""
+        field, jump = 1, 1
+        for layer in self.model.feature_extractor.conv_layers:
+            field += (layer.conv.kernel_size[0] - 1) * jump
+            jump *= layer.conv.stride[0]
+        return field
 
     @property
     def vocab_size(self) -> int | None:
@@ -216,6 +227,16 @@ class Wav2Vec2Encoder(nn.Module):
         if mask is None:
             mask = torch.ones_like(waveform, dtype=torch.bool)
         lengths = mask.sum(1)
+        short = (lengths < self.min_samples).nonzero().flatten().tolist()
+        if short:
+            i, n, need = short[0], int(lengths[short[0]]), self.min_samples
+            ms = 1e3 / self.sample_rate
+            raise DataError(
+                f"utterance {i} of the batch has {n} audio samples ({n * ms:.1f} ms), shorter than the wav2vec2 "
+                f"teacher's receptive field of {need} samples ({need * ms:.0f} ms at {self.sample_rate} Hz), so it "
+                f"has no teacher frame; {len(short)} such utterance(s) in this batch: drop clips that short from "
+                "the manifest"
+            )
         x = waveform.masked_fill(~mask, 0.0)
         if self.normalize_waveform:
             m = mask.to(x.dtype)

@@ -182,3 +182,16 @@ def test_audio_adapter_features_and_context_reuse():
         audio({"video": torch.zeros(1)})
     with pytest.raises(DataError, match="bool \\[B, T\\] mask"):
         audio({"audio": torch.randn(1, 8, 20), "audio_mask": torch.ones(1, 7, dtype=torch.bool)})
+
+
+def test_wav2vec2_audio_shorter_than_its_receptive_field_is_a_named_error():
+    from xmodal.teachers.speech import Wav2Vec2Encoder
+
+    enc = Wav2Vec2Encoder(tiny_wav2vec2())
+    assert enc.min_samples == 1 + 9 * 1 + 2 * 5  # kernels 10 (stride 5) then 3 (stride 2)
+    assert enc.sample_rate == 16000
+    wave = torch.randn(2, 200)
+    states, out_mask, _ = enc(wave, lengths_to_mask(torch.tensor([200, 20]), 200))
+    assert out_mask.sum(1).tolist() == [out_mask.sum(1)[0].item(), 1]  # exactly the field: one frame
+    with pytest.raises(DataError, match=r"utterance 1 of the batch has 19 audio samples.*receptive field of 20"):
+        enc(wave, lengths_to_mask(torch.tensor([200, 19]), 200))
