@@ -1,14 +1,17 @@
-"""Top-k search: an exact blocked search with a running top-k, and faiss indexes (flat, HNSW, IVF-PQ).
+"""Top-k search: an exact blocked search with a running top-k, and faiss indexes (flat, HNSW, IVF, IVF-PQ).
 
 Indexes are built by name from `INDEXES`, so `--index hnsw` or a config picks one; approximate
-indexes are judged by `index_recall`, the overlap of their top-k with the exact top-k.
+indexes are judged by `index_recall`, the overlap of their top-k with the exact top-k. An approximate
+index names its speed/recall knob (`SearchKnob`: HNSW efSearch, IVF nprobe), and `tune_search` doubles
+that knob until a requested recall of the exact top-k is met on a sample of queries.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -20,6 +23,8 @@ from xmodal.registry import Registry
 from .metrics import DEFAULT_BLOCK_BYTES, check_embeddings, load_rows, prepare_rows
 
 INDEXES: Registry[Callable[..., IndexFactory]] = Registry("retrieval index")
+
+log = logging.getLogger(__name__)
 
 
 def _normalized_rows(x, start: int, stop: int, device: torch.device, normalize: bool, name: str) -> Tensor:
@@ -90,13 +95,32 @@ def exact_topk(
     return out_s, out_i
 
 
+def doubling(start: int, cap: int) -> list[int]:
+    """start, 2·start, 4·start, ... below `cap`, then `cap` itself: the values a recall target tries in turn."""
+    values, v = [], max(1, start)
+    while v < cap:
+        values.append(v)
+        v *= 2
+    return [*values, max(1, cap)]
+
+
+@dataclass(frozen=True)
+class SearchKnob:
+    """A search-time setting of a built index that trades speed for recall (HNSW efSearch, IVF nprobe)."""
+
+    name: str  # the index parameter it stands for, e.g. "ef_search"
+    apply: Callable[[object, int], None]  # set it on a built faiss index
+    values: Callable[[object], list[int]]  # values a recall target tries, in order, for this built index
+
+
 @dataclass
 class IndexFactory:
-    """How to build one faiss index over `dim`-wide vectors; `prepare` sets search-time knobs."""
+    """How to build one faiss index over `dim`-wide vectors; `knob` is its search-time speed/recall setting."""
 
     build: Callable[[int, int], object]  # (dim, num_vectors) -> faiss.Index
     needs_training: bool = False
     exact: bool = False
+    knob: SearchKnob | None = None
 
 
 @INDEXES.register("flat")
@@ -111,9 +135,30 @@ def flat_index() -> IndexFactory:
     return IndexFactory(build, exact=True)
 
 
+def _set_ef_search(index, value: int) -> None:
+    index.hnsw.efSearch = int(value)
+
+
+def _set_nprobe(index, value: int) -> None:
+    index.nprobe = int(value)
+
+
+def _ivf_knob(start: int = 1) -> SearchKnob:
+    """nprobe 1, 2, 4, ... up to every list (then only the codes' own error is left)."""
+    return SearchKnob("nprobe", _set_nprobe, lambda index: doubling(start, int(index.nlist)))
+
+
+def _ivf_lists(nlist: int | None, num: int) -> int:
+    """faiss's rule of thumb (4·√N lists) with at least 39 training vectors per list."""
+    return nlist or int(min(max(1, 4 * math.sqrt(num)), max(1, num // 39)))
+
+
 @INDEXES.register("hnsw")
-def hnsw_index(m: int = 32, ef_construction: int = 80, ef_search: int = 128) -> IndexFactory:
-    """Graph index (HNSW, inner product): fast, high recall, no training; memory ≈ vectors + graph."""
+def hnsw_index(m: int = 32, ef_construction: int = 80, ef_search: int = 128, max_ef_search: int = 4096) -> IndexFactory:
+    """Graph index (HNSW, inner product): fast, high recall, no training; memory ≈ vectors + graph.
+
+    `max_ef_search` caps the efSearch a recall target may try (16, 32, ..., cap).
+    """
 
     def build(dim: int, num: int):
         import faiss
@@ -123,7 +168,26 @@ def hnsw_index(m: int = 32, ef_construction: int = 80, ef_search: int = 128) -> 
         index.hnsw.efSearch = ef_search
         return index
 
-    return IndexFactory(build)
+    if max_ef_search < 1:
+        raise ConfigError(f"hnsw index: max_ef_search must be at least 1, got {max_ef_search}")
+    knob = SearchKnob("ef_search", _set_ef_search, lambda index: doubling(min(16, max_ef_search), max_ef_search))
+    return IndexFactory(build, knob=knob)
+
+
+@INDEXES.register("ivfflat")
+def ivfflat_index(nlist: int | None = None, nprobe: int = 32) -> IndexFactory:
+    """Inverted lists over full vectors: exact distances inside the probed lists; needs training (k-means)."""
+
+    def build(dim: int, num: int):
+        import faiss
+
+        lists = _ivf_lists(nlist, num)
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
+        index.nprobe = min(nprobe, lists)  # faiss keeps a reference to the quantizer
+        return index
+
+    return IndexFactory(build, needs_training=True, knob=_ivf_knob())
 
 
 def _pq_subquantizers(dim: int, wanted: int) -> int:
@@ -138,14 +202,14 @@ def ivfpq_index(nlist: int | None = None, m: int = 64, nbits: int = 8, nprobe: i
     def build(dim: int, num: int):
         import faiss
 
-        lists = nlist or int(min(max(1, 4 * math.sqrt(num)), max(1, num // 39)))
+        lists = _ivf_lists(nlist, num)
         bits = nbits if num >= 39 * 2**nbits else max(1, int(math.log2(max(2, num // 39))))
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFPQ(quantizer, dim, lists, _pq_subquantizers(dim, m), bits, faiss.METRIC_INNER_PRODUCT)
         index.nprobe = min(nprobe, lists)  # faiss keeps a reference to the quantizer
         return index
 
-    return IndexFactory(build, needs_training=True)
+    return IndexFactory(build, needs_training=True, knob=_ivf_knob())
 
 
 def build_index(
@@ -259,3 +323,82 @@ def index_recall(
     kth = np.nanmin(np.asarray(exact_scores), axis=1, keepdims=True)
     good = (approx_ids[:, :k] >= 0) & (np.asarray(approx_scores)[:, :k] >= kth)  # NaN (no result) is not good
     return float(np.minimum(good.sum(axis=1), k).sum()) / float(exact_ids.size)
+
+
+@dataclass
+class Tuning:
+    """What `tune_search` chose: the knob's value, the recall of the exact top-k it reached, and every try."""
+
+    param: str  # the index parameter tuned, e.g. "ef_search"
+    value: int  # the value chosen (the first that met the target; else the best tried)
+    recall: float  # k-recall@k of the approximate top-k vs the exact top-k on the sample, at `value`
+    target: float
+    met: bool
+    k: int
+    queries: int  # how many queries the recall was measured on
+    tried: list[tuple[int, float]] = field(default_factory=list)  # (value, recall) in the order tried
+
+    def describe(self) -> str:
+        """One line: the chosen value, the recall reached and whether the target was met."""
+        verdict = "met" if self.met else f"NOT MET (best of {self.param} up to {self.tried[-1][0]})"
+        return (f"{self.param}={self.value}: recall {self.recall:.4f} of the exact top-{self.k} on {self.queries:,} "
+                f"queries, target {self.target:g} {verdict}")
+
+
+def check_target_recall(target: float | None) -> None:
+    """A recall target is a fraction in (0, 1]; anything else is a ConfigError naming the option."""
+    if target is not None and not (isinstance(target, (int, float)) and 0.0 < float(target) <= 1.0):
+        raise ConfigError(f"target_recall (--target-recall) must be a fraction in (0, 1], e.g. 0.95, got {target!r}")
+
+
+def search_knob(kind: str, **params) -> SearchKnob | None:
+    """The speed/recall knob of index `kind` (None for exact search)."""
+    return INDEXES.build(kind, **params).knob
+
+
+def tune_search(
+    index,
+    knob: SearchKnob,
+    queries,
+    docs,
+    k: int,
+    target: float,
+    *,
+    normalize: bool = True,
+    exact: tuple[np.ndarray, np.ndarray] | None = None,
+    device: str | torch.device | None = None,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> Tuning:
+    """Try the knob's values in turn (doubling) until the index's top-k holds `target` of the exact top-k.
+
+    Recall is measured on `queries` (a sample) against exact search over `docs` (`exact` = its (scores, ids)
+    when already computed), ties at the cut counted as hits (`index_recall` with scores). The index is left set
+    to the chosen value. When no value meets the target, the best one is kept, `met` is False and a warning is
+    logged: the caller reports the recall reached rather than a silently lower one.
+    """
+    check_target_recall(target)
+    if exact is None:
+        exact = exact_topk(queries, docs, k, normalize=normalize, device=device, block_bytes=block_bytes)
+    exact_ids = exact[1]
+    k = exact_ids.shape[1]
+    exact_scores = pair_scores(queries, docs, exact_ids, normalize=normalize)  # one computation for both sides
+    tried: list[tuple[int, float]] = []
+    best = (-1.0, 0)
+    for value in knob.values(index):
+        knob.apply(index, value)
+        _, ids = search_index(index, queries, k, normalize=normalize)
+        recall = index_recall(ids, exact_ids, pair_scores(queries, docs, ids, normalize=normalize), exact_scores)
+        tried.append((int(value), recall))
+        if recall > best[0]:
+            best = (recall, int(value))
+        if recall >= target:
+            break
+    recall, value = best
+    met = recall >= target
+    knob.apply(index, value)
+    tuning = Tuning(knob.name, value, recall, float(target), met, int(k), int(exact_ids.shape[0]), tried)
+    if not met:
+        log.warning("the index cannot reach the recall target: %s; tried %s. Raise the cap (e.g. --index-param "
+                    "max_ef_search=...), build a finer index, or lower --target-recall", tuning.describe(),
+                    ", ".join(f"{v}→{r:.3f}" for v, r in tried))
+    return tuning
