@@ -7,6 +7,7 @@ Layout of a cache folder:
     shard_00000/ids.json     [[sample id, augmentation index], ...] in row order
     shard_00000/<m>.<f>.bin  raw little-endian arrays, one per field
     .lock                    held by the process building the cache (`xmodal.lock`): one builder per folder
+    manifest.rank{r}.json    while a multi-process build runs: the shards rank r finished (merged by rank 0)
 
 Fields per modality `m`: `pooled` [rows, D]; 2-D `logits` [rows, C]; token fields stored flat without padding:
 `tokens` [Σlen, Dt] and `mask` [Σlen] (uint8) with `tokens_len` [rows] (int32); 3-D `logits` [Σlen, C] with
@@ -15,6 +16,16 @@ Fields per modality `m`: `pooled` [rows, D]; 2-D `logits` [rows, C]; token field
 A shard folder is written under a temp name and renamed, then the manifest (written atomically) records it:
 an interrupted build resumes at the first unrecorded shard. Opening checks every file's exact size (truncation)
 and, with `verify="full"`, its blake2b checksum (corruption), naming the shard at fault.
+
+Multi-process builds (torchrun, or any joined process group): the plan (shards of fixed index ranges) does not
+depend on the number of processes. Rank 0 holds the folder lock, checks the folder and folds in rank records of
+an interrupted build; every rank then builds a disjoint share of the unfinished shards (`todo[rank::world]`) and
+records them in its own rank record; after a barrier rank 0 merges the records into `manifest.json`. So the
+finished cache is the one a single process builds, and a stopped build resumes with any number of processes.
+
+Augmentation-aware caches: with a view recipe (`views`, kept in the plan), each row is one (sample id, view) and
+also stores the view's parameters (`view_params` [rows, P], float32); `TeacherCache.view_params` reads them back
+so training can re-render exactly the view the teacher saw. The manifest's `storage` gives bytes per row.
 
 Identity: the fingerprint (`xmodal.fingerprint`) covers the teacher and, from the jobs, the data (content hash of
 the data file, media file states, vocabulary ...). The manifest records the data identity; opening a cache whose
@@ -25,13 +36,15 @@ returns None, as with `on_error: skip`) is left out and its id recorded, so a lo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
+import pickle
 import shutil
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -54,6 +67,7 @@ READ_VERSIONS = (1, 2)
 DTYPES = {"float16": np.float16, "float32": np.float32}
 FP16_MAX = float(np.finfo(np.float16).max)
 _CHUNK = 1 << 22
+VIEW_PARAMS = "view_params"  # per-row parameters of a recorded augmented view (a row field, not a modality)
 
 
 # ---------------------------------------------------------------- job protocol
@@ -67,6 +81,7 @@ class CacheSource:
     cannot be read (skipped and recorded; `dataset.sample_key(index)` names it); batches collated by
     `collate_fn` (default: `collate_samples`) must carry `ids` and optionally `aug_index`. `fingerprint` is
     `xmodal.fingerprint.fingerprint(teacher, preprocessing, data=data)` and `data` the data identity in it.
+    With `views`, items also carry `view_params` (the recorded parameters of view `aug_index`).
     """
 
     teacher: Callable[[Mapping[str, Any]], Mapping[str, Features]]
@@ -77,6 +92,7 @@ class CacheSource:
     out_dir: str | os.PathLike | None = None
     meta: dict | None = None
     data: DataIdentity | None = None
+    views: dict | None = None  # the view recipe of an augmentation-aware cache (see `build_cache`)
 
 
 CACHE_SOURCES: Registry[Callable[[Any], CacheSource]] = Registry("cache source")
@@ -234,8 +250,11 @@ class _ShardBuffer:
             )
         return a.astype(self.dtype)
 
-    def add(self, ids: Sequence[str], augs: Sequence[int], outputs: Mapping[str, Features]) -> None:
+    def add(self, ids: Sequence[str], augs: Sequence[int], outputs: Mapping[str, Features],
+            view_params: np.ndarray | None = None) -> None:
         n = len(ids)
+        if view_params is not None:  # stored as given (float32), never rounded to the output dtype
+            self.parts.setdefault(VIEW_PARAMS, []).append(np.asarray(view_params, dtype=np.float32))
         for modality, f in outputs.items():
             if not isinstance(f, Features):
                 raise DataError(f"the teacher returned {type(f).__name__} for '{modality}', expected Features")
@@ -322,14 +341,20 @@ def build_cache(
     precision: str = "auto",
     meta: Mapping[str, Any] | None = None,
     data: DataIdentity | None = None,
+    views: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> Path:
-    """Run `teacher` over the map-style `dataset` in order and store its outputs; resumes an interrupted build.
+    """Run `teacher` over the map-style `dataset` and store its outputs; resumes an interrupted build.
 
     Shard k holds samples [k·shard_size, (k+1)·shard_size) less the ones the data set could not read (None items:
     their ids are recorded). Rebuilding into a folder made by another teacher, for other data or with another
-    plan (data set size, shard size, dtype) is an error that says what differs. The folder is locked while it is
-    built: a second builder is refused, naming the process that holds it.
+    plan (data set size, shard size, dtype, view recipe) is an error that says what differs. The folder is locked
+    while it is built: a second builder is refused, naming the process that holds it.
+
+    Under torchrun (or in any joined process group) every rank builds its share of the unfinished shards, records
+    them in its own `manifest.rank{r}.json`, and rank 0 merges them into `manifest.json` after a barrier; the
+    result is the cache one process would build. `views`: the recipe of an augmentation-aware cache (view count,
+    parameter names, ...), kept in the plan; batches then carry `aug_index` and `view_params` [B, P].
     """
     if dtype not in DTYPES:
         raise ConfigError(f"cache dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
@@ -339,10 +364,72 @@ def build_cache(
     if n == 0:
         raise DataError("the data set to cache is empty")
     root = Path(out_dir)
-    with locked(root, "teacher cache"):
-        return _build(teacher, dataset, root, fingerprint, n, batch_size=batch_size, shard_size=shard_size,
-                      dtype=dtype, collate_fn=collate_fn, num_workers=num_workers, device=device,
-                      precision=precision, meta=meta, data=data, progress=progress)
+    from xmodal.distributed import is_distributed, rank, world_size
+    from xmodal.engine.ddp import env_world_size, init_distributed
+
+    if env_world_size() > 1 or is_distributed():
+        device = init_distributed(device)  # joins the torchrun group; cuda:LOCAL_RANK on GPUs
+    kw = dict(batch_size=batch_size, shard_size=shard_size, dtype=dtype, collate_fn=collate_fn,
+              num_workers=num_workers, device=device, precision=precision, meta=meta, data=data,
+              views=None if views is None else dict(views), progress=progress)
+    if world_size() == 1:
+        with locked(root, "teacher cache"):
+            return _build(teacher, dataset, root, fingerprint, n, **kw)
+    with _group_lock(root, rank()):
+        return _build(teacher, dataset, root, fingerprint, n, rank=rank(), world=world_size(), **kw)
+
+
+@contextlib.contextmanager
+def _group_lock(root: Path, r: int) -> Iterator[None]:
+    """Rank 0 holds the folder lock for the whole group; when it cannot, every rank is refused the same way."""
+    from xmodal.lock import FolderLock, LockedError
+
+    lock = FolderLock(root, "teacher cache")
+    refused = None
+    if r == 0:
+        try:
+            lock.acquire()
+        except LockedError as e:
+            refused = (str(e), e.holder)
+    refused = _broadcast(refused)
+    if refused is not None:
+        raise LockedError(*refused)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _broadcast(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (a picklable value)."""
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _on_rank0(fn: Callable[[], Any], r: int, world: int) -> Any:
+    """Run `fn` on rank 0 only and give every rank its result, or raise its error on every rank (so no rank waits
+    in a collective for a rank that failed)."""
+    if world == 1:
+        return fn()
+    result: tuple[str, Any] | None = None
+    if r == 0:
+        try:
+            result = ("ok", fn())
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            result = ("error", e)
+            try:
+                pickle.loads(pickle.dumps(e))
+            except Exception:  # noqa: BLE001 - an exception type that does not survive pickling
+                result = ("error", CheckpointError(f"{type(e).__name__}: {e}"))
+    status, value = _broadcast(result)
+    if status == "error":
+        if r == 0:
+            raise value
+        raise type(value)(*value.args) from None
+    return value
 
 
 def _data_record(fingerprint: str, data: DataIdentity | None) -> dict[str, Any] | None:
@@ -353,16 +440,47 @@ def _data_record(fingerprint: str, data: DataIdentity | None) -> dict[str, Any] 
     return None if parts is None else {"parts": parts, "files": {}}
 
 
-def _build(teacher, dataset, root: Path, fingerprint: str, n: int, *, batch_size, shard_size, dtype, collate_fn,
-           num_workers, device, precision, meta, data, progress) -> Path:
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
+def _rank_record_path(root: Path, r: int) -> Path:
+    return root / f"manifest.rank{r}.json"
 
-    from xmodal.device import autocast, resolve_device
-    from xmodal.engine.data import collate_samples, to_device
 
-    plan = {"num_samples": n, "shard_size": int(shard_size), "dtype": dtype,
-            "num_shards": math.ceil(n / shard_size)}
+def _rank_records(root: Path) -> list[Path]:
+    """Rank-local records left in `root` (by this build or by an interrupted one, of any world size)."""
+    return sorted(root.glob("manifest.rank*.json"), key=lambda p: p.name)
+
+
+def _merge_rank_records(root: Path, manifest: dict[str, Any]) -> None:
+    """Fold every rank record's finished, intact shards into `manifest` (in place); damaged ones are dropped."""
+    have = {e["name"] for e in manifest["shards"]}
+    for p in _rank_records(root):
+        try:
+            part = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{p}: unreadable rank record of a teacher-cache build ({e}); delete it (its "
+                                  "shards will be rebuilt) and run `xmodal cache` again") from e
+        if part.get("fingerprint") != manifest["fingerprint"] or part.get("plan") != manifest["plan"]:
+            raise CheckpointError(f"{p} records shards of another build than {root / 'manifest.json'} (fingerprint "
+                                  "or plan differ); delete it (its shards will be rebuilt) or use another folder")
+        if part.get("fields") is not None:
+            if manifest["fields"] is None:
+                manifest["fields"] = part["fields"]
+            elif part["fields"] != manifest["fields"]:
+                raise DataError(f"{p}: teacher outputs of rank {part.get('rank')} have fields {part['fields']}, "
+                                f"other ranks had {manifest['fields']}; the teacher must return the same modalities "
+                                "and fields for every batch")
+        for e in part["shards"]:
+            if e["name"] in have:
+                continue
+            if _shard_intact(root, e):
+                manifest["shards"].append(e)
+                have.add(e["name"])
+            else:
+                log.warning("%s: shard %s is damaged; it will be rebuilt", root, e["name"])
+    manifest["shards"].sort(key=lambda e: e["name"])
+
+
+def _prepare(root: Path, fingerprint: str, plan: dict[str, Any], meta, data, world: int) -> dict[str, Any]:
+    """Check a folder's earlier build against this one, fold in rank records, clear leftovers; the manifest."""
     manifest = _read_manifest(root)
     if manifest is not None:
         if manifest["fingerprint"] != fingerprint:
@@ -372,7 +490,9 @@ def _build(teacher, dataset, root: Path, fingerprint: str, n: int, *, batch_size
                 f"{root} holds a teacher cache that does not fit this one: {why}; "
                 "choose another output folder or delete this one"
             )
-        diffs = [f"{k}: {manifest['plan'].get(k)} → {v}" for k, v in plan.items() if manifest["plan"].get(k) != v]
+        keys = sorted(set(plan) | set(manifest["plan"]))
+        diffs = [f"{k}: {manifest['plan'].get(k)} → {plan.get(k)}" for k in keys
+                 if manifest["plan"].get(k) != plan.get(k)]
         if diffs:
             raise CheckpointError(
                 f"{root} holds a cache built with a different plan ({'; '.join(diffs)}); "
@@ -383,32 +503,98 @@ def _build(teacher, dataset, root: Path, fingerprint: str, n: int, *, batch_size
             if e not in kept:
                 log.warning("%s: shard %s is damaged; it will be rebuilt", root, e["name"])
         manifest["shards"] = kept
+        _merge_rank_records(root, manifest)
         if manifest.get("complete") and len(kept) == plan["num_shards"]:
-            log.info("%s: cache already complete (%d samples)", root, n)
-            return root
+            log.info("%s: cache already complete (%d samples)", root, plan["num_samples"])
+            return manifest
     else:
         manifest = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "fingerprint": fingerprint, "plan": plan,
                     "data": _data_record(fingerprint, data), "meta": dict(meta or {}), "fields": None,
                     "shards": [], "complete": False}
     manifest["version"] = CACHE_VERSION
     manifest["complete"] = False
+    manifest["build"] = {"processes": world}
     done = {e["name"] for e in manifest["shards"]}
     for p in root.iterdir():  # leftovers of an interrupted shard write
         if p.is_dir() and (p.name.startswith(".shard_") or (p.name.startswith("shard_") and p.name not in done)):
             shutil.rmtree(p)
     atomic_write_json(root / "manifest.json", manifest)
+    for p in _rank_records(root):  # folded into the manifest, which is written first
+        p.unlink()
+    return manifest
+
+
+def _finish(root: Path, manifest: dict[str, Any], n: int) -> dict[str, Any]:
+    """Fold the ranks' records in, check the whole, mark the manifest complete with its storage report."""
+    _merge_rank_records(root, manifest)
+    missing = manifest["plan"]["num_shards"] - len(manifest["shards"])
+    if missing:
+        raise CheckpointError(f"{root}: {missing} shard(s) of the plan are not recorded after every rank finished; "
+                              "run `xmodal cache` again to build them")
+    if not any(e["rows"] for e in manifest["shards"]):
+        raise DataError(f"none of the {n} samples could be read, so there is nothing to cache; check the data "
+                        "set (on_error: raise shows why the first one fails)")
+    _check_unique_keys(root, manifest)
+    manifest["skipped"] = sorted({sid for e in manifest["shards"] for sid in e.get("skipped", [])})
+    manifest["storage"] = storage_report(manifest)
+    manifest["complete"] = True
+    atomic_write_json(root / "manifest.json", manifest)
+    for p in _rank_records(root):
+        p.unlink()
+    return manifest
+
+
+def storage_report(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """Bytes on disk per cached row (one sample, one view) and per sample, in total and per field."""
+    rows = sum(int(e["rows"]) for e in manifest["shards"])
+    views = int((manifest["plan"].get("views") or {}).get("count", 1))
+    per_file: dict[str, int] = {}
+    for e in manifest["shards"]:
+        for fn, rec in e["files"].items():
+            per_file[fn] = per_file.get(fn, 0) + int(rec["bytes"])
+    total = sum(per_file.values())
+    per_row = total / rows if rows else 0.0
+    return {"rows": rows, "views": views, "bytes": total,
+            "bytes_per_sample_per_view": round(per_row, 2), "bytes_per_sample": round(per_row * views, 2),
+            "bytes_per_row_by_file": {fn: round(b / rows, 2) if rows else 0.0 for fn, b in sorted(per_file.items())}}
+
+
+def _build(teacher, dataset, root: Path, fingerprint: str, n: int, *, batch_size, shard_size, dtype, collate_fn,
+           num_workers, device, precision, meta, data, views, progress, rank: int = 0, world: int = 1) -> Path:
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from xmodal.device import autocast, resolve_device
+    from xmodal.engine.data import collate_samples, to_device
+
+    plan = {"num_samples": n, "shard_size": int(shard_size), "dtype": dtype,
+            "num_shards": math.ceil(n / shard_size)}
+    if views is not None:
+        plan["views"] = views
+    manifest = _on_rank0(lambda: _prepare(root, fingerprint, plan, meta, data, world), rank, world)
+    if manifest.get("complete"):
+        return root
 
     device = resolve_device(device)
     if isinstance(teacher, torch.nn.Module):
         teacher.eval().requires_grad_(False).to(device)
+    done = {e["name"] for e in manifest["shards"]}
     todo = [k for k in range(plan["num_shards"]) if _shard_name(k) not in done]
-    if done:
+    mine = todo[rank::world]  # a deterministic, disjoint share of the unfinished shards
+    if done and rank == 0:
         log.info("%s: resuming cache build, %d of %d shards already done", root, len(done), plan["num_shards"])
-    seen = sum(e["rows"] + len(e.get("skipped", [])) for e in manifest["shards"])
-    bar = tqdm(total=n, initial=seen, desc="teacher cache", unit="sample", disable=not progress or None,
-               dynamic_ncols=True)
+    if world == 1:
+        record, record_path = manifest, root / "manifest.json"
+    else:  # each rank records its own shards; rank 0 merges the records at the end
+        record = {"format": CACHE_FORMAT + "-rank", "fingerprint": fingerprint, "plan": plan, "rank": rank,
+                  "processes": world, "fields": manifest["fields"], "shards": []}
+        record_path = _rank_record_path(root, rank)
+    total = sum(min(n, (k + 1) * shard_size) - k * shard_size for k in mine)
+    what = "teacher cache" if world == 1 else f"teacher cache (rank {rank} of {world})"
+    bar = tqdm(total=total if world > 1 else n, initial=0 if world > 1 else n - total, desc=what, unit="sample",
+               disable=not progress or rank != 0 or None, dynamic_ncols=True)
     np_dtype = np.dtype(DTYPES[dtype])
-    for k in todo:
+    for k in mine:
         lo, hi = k * shard_size, min(n, (k + 1) * shard_size)
         loader = DataLoader(_Positions(dataset, range(lo, hi)), batch_size=batch_size, shuffle=False,
                             collate_fn=_CollateKept(collate_fn or collate_samples), num_workers=num_workers)
@@ -419,9 +605,10 @@ def _build(teacher, dataset, root: Path, fingerprint: str, n: int, *, batch_size
             if batch is not None:
                 ids = _batch_ids(batch)
                 augs = _aug_list(batch.get("aug_index"), len(ids))
+                params = _view_params(batch, len(ids), views)
                 with torch.inference_mode(), autocast(device, precision):
                     outputs = teacher(to_device(batch, device))
-                buf.add(ids, augs, outputs)
+                buf.add(ids, augs, outputs, params)
             bar.update(len(missing) + (0 if batch is None else len(_batch_ids(batch))))
         if skipped:
             log.warning("%s: %d sample(s) of %s could not be read and are not cached (first: '%s')", root,
@@ -435,27 +622,45 @@ def _build(teacher, dataset, root: Path, fingerprint: str, n: int, *, batch_size
             )
         if rows:
             schema = _schema(arrays, rows)
-            if manifest["fields"] is None:
-                manifest["fields"] = schema
-            elif schema != manifest["fields"]:
+            if record["fields"] is None:
+                record["fields"] = schema
+            elif schema != record["fields"]:
                 raise DataError(
                     f"teacher outputs of {_shard_name(k)} have fields {schema}, earlier shards had "
-                    f"{manifest['fields']}; the teacher must return the same modalities and fields for every batch"
+                    f"{record['fields']}; the teacher must return the same modalities and fields for every batch"
                 )
         entry = _write_shard(root, k, buf.keys, arrays)
         entry["skipped"] = skipped
-        manifest["shards"].append(entry)
-        manifest["shards"].sort(key=lambda e: e["name"])
-        atomic_write_json(root / "manifest.json", manifest)
+        record["shards"].append(entry)
+        record["shards"].sort(key=lambda e: e["name"])
+        atomic_write_json(record_path, record)
     bar.close()
-    if not any(e["rows"] for e in manifest["shards"]):
-        raise DataError(f"none of the {n} samples could be read, so there is nothing to cache; check the data "
-                        "set (on_error: raise shows why the first one fails)")
-    _check_unique_keys(root, manifest)
-    manifest["skipped"] = sorted(sid for e in manifest["shards"] for sid in e.get("skipped", []))
-    manifest["complete"] = True
-    atomic_write_json(root / "manifest.json", manifest)
+    if world > 1:
+        from xmodal.engine.ddp import barrier
+
+        barrier()  # every rank's shards are written and recorded
+    _on_rank0(lambda: _finish(root, manifest, n), rank, world)
     return root
+
+
+def _view_params(batch: Mapping[str, Any], n: int, views: Mapping[str, Any] | None) -> np.ndarray | None:
+    """The batch's recorded view parameters [n, P] (float32), required exactly when the build has a view recipe."""
+    params = batch.get(VIEW_PARAMS) if isinstance(batch, Mapping) else None
+    if views is None:
+        if params is not None:
+            raise DataError(f"batches carry '{VIEW_PARAMS}' but the cache has no view recipe; pass views= to "
+                            "build_cache (the job's view settings) so the parameters are stored and checked")
+        return None
+    if params is None:
+        raise DataError(f"an augmentation-aware cache stores each view's parameters: batches need "
+                        f"batch['{VIEW_PARAMS}'] [B, {len(views.get('params', [])) or 'P'}] next to 'aug_index'")
+    a = (params.detach().cpu().numpy() if isinstance(params, torch.Tensor) else np.asarray(params))
+    a = a.astype(np.float32).reshape(n, -1)
+    names = views.get("params")
+    if names is not None and a.shape[1] != len(names):
+        raise DataError(f"batch['{VIEW_PARAMS}'] has {a.shape[1]} columns, the view recipe names {len(names)} "
+                        f"({', '.join(names)})")
+    return a
 
 
 def _write_shard(root: Path, k: int, keys: list[list[Any]], arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
@@ -522,7 +727,8 @@ class TeacherCache:
         self.fingerprint: str = fingerprint if fingerprint is not None else manifest["fingerprint"]
         self.skipped: set[str] = {sid for e in manifest["shards"] for sid in e.get("skipped", [])}
         self.fields: dict[str, dict[str, Any]] = manifest["fields"] or {}
-        self.modalities = sorted({name.split(".", 1)[0] for name in self.fields})
+        self.modalities = sorted({name.split(".", 1)[0] for name in self.fields if name != VIEW_PARAMS})
+        self.views: dict[str, Any] | None = manifest["plan"].get("views")
         self._index: dict[tuple[str, int], int] = {}
         self._shard_of: list[np.ndarray] = []
         self._shards: list[dict[str, Any]] = []
@@ -688,6 +894,16 @@ class TeacherCache:
                 logits = torch.from_numpy(rows(f"{m}.logits").astype(np.float32))
             result[m] = Features(pooled=pooled, tokens=tokens, mask=mask, logits=logits)
         return result
+
+    def view_params(self, ids: Sequence[str], aug_index: Any = None) -> np.ndarray:
+        """The recorded parameters [len(ids), P] (float32) of these samples' views, as the build stored them."""
+        if VIEW_PARAMS not in self.fields:
+            raise DataError(f"teacher cache {self.path} records no view parameters: it was built without "
+                            "augmented views; rebuild it with the job's view setting to replay views")
+        keys = self._rows(ids, aug_index)
+        shard_ids, local = keys >> 40, keys & ((1 << 40) - 1)
+        return np.stack([np.asarray(self._shards[int(s)][VIEW_PARAMS][int(r)], dtype=np.float32)
+                         for s, r in zip(shard_ids, local)]) if len(ids) else np.zeros((0, 0), np.float32)
 
 
 def open_cache(path: str | os.PathLike | TeacherCache, fingerprint: str | None = None,
