@@ -227,8 +227,12 @@ def main() -> None:
     if args.report and not args.quick:
         from _report import write_section
 
-        write_section("prompt_distill", "Prompt distillation (PromptKD): base / novel / HM on the synthetic world",
-                      body)
+        if args.vary_pretraining:  # its own section: the fixed-pretraining table stays beside it
+            write_section("prompt_distill_vary_pretraining", "Prompt distillation (PromptKD): base / novel / HM "
+                          "with the world, the teacher and the student CLIP drawn anew for each seed", body)
+        else:
+            write_section("prompt_distill", "Prompt distillation (PromptKD): base / novel / HM on the synthetic world",
+                          body)
 
 
 if __name__ == "__main__":
