@@ -6,6 +6,8 @@ Task file (`zeroshot.json`, as written by `xmodal data synth-scenes`)::
      "images": [{"filepath": "images/zeroshot/000003.png", "label": 0}, ...]}
 
 Image paths are relative to the file (absolute paths are kept); `"image"` is accepted in place of `"filepath"`.
+`--data imagefolder:PATH` reads an ImageNet-style folder instead (`xmodal.data.eval_sets`), with `--split`,
+`--classnames` and `--templates` (CLIP_benchmark's `{c}` templates).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xmodal.commands import register_command
-from xmodal.errors import DataError
+from xmodal.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,54 @@ class ZeroShotData:
     templates: list[str]
     images: list[tuple[str, int]]
     source: str = "<memory>"
+    name: str = ""
+    split: str | None = None
+
+
+def load_zeroshot_data(data: str | os.PathLike, *, split: str | None = None, classnames: str | None = None,
+                       templates: str | None = None) -> ZeroShotData:
+    """A zero-shot task from a named set (`imagefolder:PATH`, with its options) or a zeroshot.json / its folder."""
+    from xmodal.data.eval_sets import ZEROSHOT, eval_set_names, load_eval_set
+
+    named = load_eval_set(str(data), ZEROSHOT, split=split, classnames=classnames, templates=templates)
+    if named is None:
+        given = [f"--{k}" for k, v in {"split": split, "classnames": classnames, "templates": templates}.items()
+                 if v is not None]
+        if given:
+            names = ", ".join(f"{n}:PATH" for n in eval_set_names(ZEROSHOT))
+            raise ConfigError(f"{', '.join(given)} applies to named sets ({names}), not to the task file {data}; "
+                              "drop it, or edit the file's classnames/templates")
+        task = read_zeroshot_file(data)
+        task.name = Path(task.source).parent.name
+        return task
+    return ZeroShotData(named.classnames, named.templates, named.items, named.source, named.name,
+                        named.settings.get("split"))
+
+
+def add_data_options(p: argparse.ArgumentParser) -> None:
+    """--split/--classnames/--templates of a named zero-shot set (shared with commands that take over this one)."""
+    p.add_argument("--split", default=None,
+                   help="imagefolder: the split folder under PATH (default: PATH/val when present, else PATH)")
+    p.add_argument("--classnames", default=None,
+                   help="imagefolder: file with one class name per line, in sorted class-folder order (default: "
+                        "PATH/classnames.txt, else the folder names with _ as spaces)")
+    p.add_argument("--templates", default=None,
+                   help="imagefolder: file with one prompt template per line, {c} for the class name, or a "
+                        "built-in set (openai-imagenet, simple-imagenet) (default: PATH/templates.txt or "
+                        "zeroshot_classification_templates.txt, else 'a photo of a {c}.')")
+
+
+def data_from_args(args: argparse.Namespace) -> ZeroShotData:
+    return load_zeroshot_data(args.data, split=getattr(args, "split", None),
+                              classnames=getattr(args, "classnames", None), templates=getattr(args, "templates", None))
+
+
+def data_fields(data: ZeroShotData) -> dict[str, Any]:
+    """What results files say about the data: its name, split (named sets) and source."""
+    out: dict[str, Any] = {"dataset": data.name, "data": data.source}
+    if data.split:
+        out["split"] = data.split
+    return out
 
 
 def read_zeroshot_file(path: str | os.PathLike) -> ZeroShotData:
@@ -218,7 +268,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="open_clip model name (e.g. ViT-B-32), hf-hub:org/repo, or a local open_clip folder "
                         "(such as an `xmodal export` output)")
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or a local checkpoint file")
-    p.add_argument("--data", required=True, help="zeroshot.json or a folder holding it")
+    p.add_argument("--data", required=True, help="zeroshot.json or a folder holding it, or imagefolder:PATH "
+                   "(ImageNet-style PATH/<split>/<class>/*.jpg)")
+    add_data_options(p)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--num-workers", type=int, default=0)
@@ -231,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
     from xmodal.io import atomic_write_json
     from xmodal.teachers.clip import load_open_clip
 
-    data = read_zeroshot_file(args.data)
+    data = data_from_args(args)
     device = resolve_device(args.device)
     loaded = load_open_clip(args.model, args.pretrained, device=str(device), frozen=True)
     metrics: dict[str, Any] = run_zeroshot(
@@ -239,7 +291,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     metrics = {"task": "zeroshot_classification", "model": args.model, "pretrained": args.pretrained,
-               "data": data.source, **metrics}
+               **data_fields(data), **metrics}
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.out:

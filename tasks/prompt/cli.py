@@ -156,12 +156,12 @@ def run(args: argparse.Namespace) -> int:
     from xmodal.device import resolve_device
     from xmodal.io import atomic_write_json
 
-    data = _zeroshot.read_zeroshot_file(args.data)
+    data = _zeroshot.data_from_args(args)
     device = resolve_device(args.device)
     metrics = evaluate_prompted(args.model, data, device, batch_size=args.batch_size,
                                 class_vectors=args.class_vectors)
-    metrics = {"task": "zeroshot_classification", "model": args.model, "prompted": True, "data": data.source,
-               **metrics}
+    metrics = {"task": "zeroshot_classification", "model": args.model, "prompted": True,
+               **_zeroshot.data_fields(data), **metrics}
     print(json.dumps(metrics, indent=2))
     if args.out:
         atomic_write_json(args.out, metrics)

@@ -23,11 +23,16 @@ def configure(p: argparse.ArgumentParser) -> None:
     src.add_argument("--checkpoint", help="an xmodal run folder or checkpoint file")
     data = p.add_argument_group("data")
     data.add_argument("--data", required=True, help="CSV/TSV or JSON-lines image-text file (several captions per "
-                      "image allowed)")
+                      "image allowed), or a named set NAME:PATH: coco-karpathy:PATH or flickr30k-karpathy:PATH "
+                      "(Karpathy's dataset_*.json, or the folder holding it and the images)")
+    data.add_argument("--split", help="split of a named set (Karpathy: test (default), val, train (with restval), "
+                      "restval)")
+    data.add_argument("--image-root", help="folder holding a named set's images (default: the JSON's folder)")
     data.add_argument("--image-key", help="column/key holding image paths (default: filepath, image, ...)")
     data.add_argument("--caption-key", help="column/key holding captions (default: title, caption(s), text)")
     data.add_argument("--sep", help="field separator of a delimited file (default: from the extension)")
-    data.add_argument("--dataset", help="data set name written to the results (default: the file's stem)")
+    data.add_argument("--dataset", help="data set name written to the results (default: the file's stem, or the "
+                      "named set and split, e.g. coco-karpathy/test)")
     run = p.add_argument_group("encoding")
     run.add_argument("--batch-size", type=int, default=64, help="images per batch (captions: 4x, at least 256)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -77,6 +82,7 @@ def load_model(args: argparse.Namespace, device):
 
 
 def run(args: argparse.Namespace) -> int:
+    from xmodal.data.eval_sets import open_retrieval_set
     from xmodal.device import resolve_device
     from xmodal.io import atomic_write_json, atomic_write_text
 
@@ -92,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     device = resolve_device(args.device)
-    data = Path(args.data)
+    data = open_retrieval_set(args.data, split=args.split, image_root=args.image_root, image_key=args.image_key,
+                              caption_key=args.caption_key, sep=args.sep)
     loaded = load_model(args, device)
     t0 = time.perf_counter()
     emb = encode_image_text(
@@ -107,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     )
     t2 = time.perf_counter()
     table = markdown_table(metrics)
-    print(f"{len(emb.image_paths)} images, {len(emb.text_to_image)} captions "
+    print(f"{data.name}: {len(emb.image_paths)} images, {len(emb.text_to_image)} captions "
           f"({'cached embeddings' if emb.from_cache else f'encoded in {t1 - t0:.1f} s'}; "
           f"search {args.index} in {t2 - t1:.2f} s)\n")
     print(table)
@@ -116,14 +123,15 @@ def run(args: argparse.Namespace) -> int:
         # CLIP_benchmark's `build` joins model and pretrained as strings: a folder or hub model without a tag is ""
         pretrained = (args.pretrained or "") if args.model else str(args.checkpoint)
         result = clip_benchmark_result(
-            metrics, dataset=args.dataset or data.stem, model=model_name, pretrained=pretrained,
+            metrics, dataset=args.dataset or data.name, model=model_name, pretrained=pretrained,
             language=args.language,
             extra={
                 "index": args.index,
                 "ties": args.ties,
                 "num_images": len(emb.image_paths),
                 "num_texts": int(len(emb.text_to_image)),
-                "data": str(data.resolve()),
+                "data": data.source,
+                **({"split": data.settings["split"]} if data.settings.get("split") else {}),
             },
         )
         out = Path(args.out)

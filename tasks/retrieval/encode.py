@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from xmodal.data.eval_sets import RetrievalSet
 from xmodal.errors import DataError
 
-from .store import EmbeddingStore, cache_key, data_fingerprint
+from .store import EmbeddingStore, cache_key
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ def model_identity(loaded: Any) -> str:
 
 def encode_image_text(
     loaded: Any,
-    data: str | os.PathLike,
+    data: str | os.PathLike | RetrievalSet,
     *,
     cache_dir: str | os.PathLike | None = None,
     batch_size: int = 64,
@@ -174,13 +175,17 @@ def encode_image_text(
 ) -> ImageTextEmbeddings:
     """Embeddings of every image and caption in `data`, reusing the cache when model and data are unchanged.
 
+    `data` is an image-text file (read with the keys and separator given) or a `RetrievalSet` (a named
+    evaluation set, `xmodal.data.eval_sets`); the cache keys on its identity (data files, images, reader, split).
     `loaded` carries `model` (with encode_image/encode_text), `preprocess`, `tokenizer` and ideally
     `fingerprint` (as from `xmodal.teachers.clip.load_open_clip`).
     """
-    from xmodal.data.image_text import read_records
+    from xmodal.data.eval_sets import open_retrieval_set
     from xmodal.device import resolve_device
 
-    records = read_records(data, image_key=image_key, caption_key=caption_key, sep=sep)
+    if not isinstance(data, RetrievalSet):
+        data = open_retrieval_set(Path(data), image_key=image_key, caption_key=caption_key, sep=sep)
+    records = data.records
     paths, captions, text_to_image = flatten_records(records)
     check_images_exist(records)
     device = resolve_device(device)
@@ -188,7 +193,7 @@ def encode_image_text(
     store = key = None
     if cache_dir is not None:
         store = EmbeddingStore(cache_dir)
-        key = cache_key(model_identity(loaded), data_fingerprint(data, paths), settings)
+        key = cache_key(model_identity(loaded), data.identity().digest, settings)
         hit = store.load(key)
         if hit is not None:
             log.info("using cached embeddings %s", hit.path)
@@ -208,12 +213,14 @@ def encode_image_text(
         return ImageTextEmbeddings(image, text, text_to_image, paths)
 
     meta = {
-        "data": str(Path(data).resolve()),
+        "data": data.source,
         "model": getattr(loaded, "name", type(loaded.model).__name__),
         "pretrained": getattr(loaded, "pretrained", None),
-        "slot": f"{Path(data).resolve()}|{getattr(loaded, 'name', '')}|{getattr(loaded, 'pretrained', '')}",
+        "slot": f"{data.slot}|{getattr(loaded, 'name', '')}|{getattr(loaded, 'pretrained', '')}",
         "settings": settings,
     }
+    if data.settings:
+        meta["data_set"] = data.name
     with store.writer(key, len(paths), len(captions), text_to_image, meta) as writer:
         encode_images(model, loaded.preprocess, paths, lambda s, e: writer.write("image", s, e),
                       batch_size=batch_size, num_workers=num_workers, **kwargs)
