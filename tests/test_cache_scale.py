@@ -198,3 +198,124 @@ def test_a_partial_two_process_build_finishes_in_one_process(tmp_path):
     assert sorted(set(log.read_text().split())) == [f"k{i:03d}" for i in (9, 10, 11, *range(18, N))]
     assert_same_cache(ref, out)
     assert not list(out.glob("manifest.rank*.json"))
+
+
+# ---------------------------------------------------------------- augmentation-aware cache (CLIP job)
+
+TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 1, "width": 32,
+                                             "head_width": 16},
+             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+VIEWS = 3
+
+
+def clip_views_config(tmp_path, cache=None) -> Path:
+    """A CLIP job on 24 synthetic images (48 px, so crops are resized to the 32-px teacher) with 3 cached views."""
+    from xmodal.students.clip import create_student
+    from xmodal.students.export import export_open_clip
+
+    teacher = tmp_path / "teacher_open_clip"
+    if not teacher.is_dir():
+        torch.manual_seed(0)
+        export_open_clip(create_student(TINY_CLIP), TINY_CLIP, teacher)
+    path = tmp_path / ("cached.yaml" if cache else "job.yaml")
+    path.write_text(f"""job: clip_distill
+run_dir: {tmp_path / "run"}
+data:
+  root: {tmp_path / "data"}
+  synthetic: {{train: 24, val: 8, test: 8, image_size: 48}}
+  caption_sampling: first
+  val: null
+  test: null
+  zeroshot: null
+teacher:
+  model: {teacher}
+  cache_views: {{count: {VIEWS}, flip: 0.5, seed: 3}}
+{f"  cache: {cache}" if cache else ""}
+student:
+  shrink: {{vision: {{layers: 1}}, text: {{layers: 1}}}}
+train: {{steps: 2, batch_size: 8, warmup_steps: 0, log_every: 1, ckpt_every: 0}}
+eval: {{zeroshot: false}}
+""")
+    return path
+
+
+def test_view_renderer_is_the_clip_train_transform_for_the_same_crop(tmp_path):
+    """Without a flip, rendering a crop box is exactly open_clip's train transform drawing that box."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms import RandomResizedCrop
+
+    from xmodal.engine.data import seeded_rngs
+    from xmodal.openclip import build_open_clip, bundle_model
+    from xmodal.tasks.clip.data import ViewRenderer
+
+    bundle = bundle_model(build_open_clip(TINY_CLIP), TINY_CLIP)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 61, 3), dtype=np.uint8))
+    crop = next(t for t in bundle.train_transform.transforms if isinstance(t, RandomResizedCrop))
+    for seed in range(3):
+        with seeded_rngs(seed):
+            expected = bundle.train_transform(image)
+        with seeded_rngs(seed):
+            box = crop.get_params(image, crop.scale, crop.ratio)
+        render = ViewRenderer(bundle.preprocess_cfg)
+        assert torch.equal(render(image, [*box, 0]), expected)
+        assert torch.equal(render(image, [*box, 1]), expected.flip(-1))
+
+
+def test_augmentation_aware_cache_replays_the_stored_view(tmp_path, capsys):
+    import numpy as np
+
+    from xmodal.cli import main
+    from xmodal.config import load_job_config
+    from xmodal.tasks.clip.data import PairedViews, collate_skipping
+    from xmodal.tasks.clip.job import cache_source, view_recipe
+
+    cache = tmp_path / "cache"
+    config = clip_views_config(tmp_path)
+    assert main(["cache", str(config), "--out", str(cache), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"(72 rows: 24 samples × {VIEWS} views)" in out
+    manifest = json.loads((cache / "manifest.json").read_text())
+    storage = manifest["storage"]
+    # Per row (one sample, one view): two float16 embeddings of 32, five float32 view parameters, its id.
+    by_file = storage["bytes_per_row_by_file"]
+    assert by_file["image.pooled.bin"] == by_file["text.pooled.bin"] == 64 and by_file["view_params.bin"] == 20
+    assert storage["bytes_per_sample_per_view"] == pytest.approx(sum(by_file.values()), abs=0.02)
+    assert storage["bytes_per_sample"] == pytest.approx(VIEWS * storage["bytes_per_sample_per_view"], abs=0.1)
+    assert f"storage: {storage['bytes_per_sample_per_view']:.1f} bytes per sample per view" in out
+    assert manifest["plan"]["views"]["count"] == VIEWS and manifest["plan"]["views"]["flip"] == 0.5
+
+    _, cfg = load_job_config(config)
+    source = cache_source(cfg)
+    recipe = view_recipe(cfg)
+    teacher_cache = TeacherCache(cache, fingerprint=source.fingerprint)
+    base = source.dataset.base
+    # The student's pipeline here is the teacher's, so its re-rendered view through the teacher must give the
+    # stored embedding.
+    data = PairedViews(base, [source.dataset.view], seed=7).share_views(recipe, teacher_cache)
+    chosen = {}
+    flips = set()
+    for epoch in range(4):
+        data.set_epoch(epoch)
+        items = [data[i] for i in range(len(data))]
+        again = [data[i] for i in range(len(data))]
+        batch = collate_skipping(items)
+        assert batch["aug_index"].tolist() == collate_skipping(again)["aug_index"].tolist()  # same epoch, same view
+        assert torch.equal(batch["image"], collate_skipping(again)["image"])
+        stored = teacher_cache.view_params(batch["ids"], batch["aug_index"])
+        assert torch.equal(batch["view_params"], torch.from_numpy(stored))  # the parameters are the stored ones
+        for key, v, params in zip(batch["ids"], batch["aug_index"].tolist(), stored):
+            assert np.array_equal(params, recipe.draw(key, v, 48, 48))  # ... drawn at build time by the recipe
+            chosen.setdefault(key, []).append(v)
+            flips.add(float(params[4]))
+        with torch.inference_mode():
+            online = source.teacher(batch)
+        looked_up = teacher_cache(batch)
+        for m in ("image", "text"):
+            torch.testing.assert_close(looked_up[m].pooled, online[m].pooled, rtol=2e-3, atol=2e-3)
+    assert flips == {0.0, 1.0}
+    assert all(0 <= v < VIEWS for vs in chosen.values() for v in vs)
+    assert sum(len(set(vs)) > 1 for vs in chosen.values()) > len(chosen) // 2  # epochs pick different views
+
+    # The job trains from the cache, replaying its views.
+    assert main(["distill", str(clip_views_config(tmp_path, cache=cache))]) == 0

@@ -25,11 +25,27 @@ class ClipModelConfig:
 
 
 @dataclass
+class CacheViewsConfig:
+    """Augmented views the teacher sees (MobileCLIP-style reinforced data): `count` views per image, each a random
+    resized crop (area `scale`, aspect `ratio`, as open_clip's train transform) then a horizontal flip with
+    probability `flip`, drawn from `seed`. `xmodal cache` stores the teacher's embeddings of every view with its
+    parameters; training replays one stored view per (seed, key, epoch), re-rendered for the student. Without
+    `teacher.cache`, a fresh view per epoch is drawn online and shared by teacher and student."""
+
+    count: int = 4
+    scale: tuple[float, float] = (0.9, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: float = 0.5
+    seed: int = 0
+
+
+@dataclass
 class TeacherConfig(ClipModelConfig):
     """The teacher; with `train`, it is first trained contrastively (needed when no pretrained weights exist)."""
 
     train: TrainConfig | None = None
     cache: str | None = None  # a teacher-cache folder written by `xmodal cache`
+    cache_views: CacheViewsConfig | None = None  # augmented views stored in (and replayed from) the cache
 
 
 @dataclass

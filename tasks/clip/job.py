@@ -32,7 +32,15 @@ from xmodal.io import atomic_write_json
 from xmodal.models import create_teacher
 from xmodal.openclip import ClipBundle, bundle_model
 from xmodal.tasks.clip.config import AutoInheritConfig, ClipDistillConfig, DataConfig, TeacherConfig
-from xmodal.tasks.clip.data import PairedViews, View, collate_skipping, same_pipeline
+from xmodal.tasks.clip.data import (
+    PairedViews,
+    RecordedViews,
+    View,
+    ViewRecipe,
+    ViewRenderer,
+    collate_skipping,
+    same_pipeline,
+)
 from xmodal.tasks.clip.models import ClipStudent, ClipTeacher, check_losses
 
 log = logging.getLogger(__name__)
@@ -43,10 +51,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DataPaths:
-    train: Path
+    train: Path | None
     val: Path | None
     test: Path | None
     zeroshot: Path | None
+    shards: list[str] | None = None  # training shard files (data.shards), in place of `train`
 
 
 def resolve_data(cfg: DataConfig) -> DataPaths:
@@ -68,7 +77,11 @@ def resolve_data(cfg: DataConfig) -> DataPaths:
         return p if p.is_absolute() or root is None else root / p
 
     paths = DataPaths(path(cfg.train), path(cfg.val), path(cfg.test), path(cfg.zeroshot))
-    if not paths.train.is_file():
+    if cfg.shards is not None:
+        from xmodal.data.shards import shard_paths
+
+        paths.train, paths.shards = None, shard_paths(cfg.shards, root)
+    elif not paths.train.is_file():
         raise ConfigError(f"data.train: {paths.train} does not exist (set data.root or give a CSV/JSON-lines path)")
     if paths.zeroshot is not None and not paths.zeroshot.is_file():
         paths.zeroshot = None
@@ -76,7 +89,12 @@ def resolve_data(cfg: DataConfig) -> DataPaths:
 
 
 def train_data_identity(paths: DataPaths):
-    """What the teacher's outputs depend on besides the teacher: the training file's content and its images."""
+    """What the teacher's outputs depend on besides the teacher: the training file's content and its images, or
+    the training shards' paths, sizes and modification times."""
+    if paths.shards is not None:
+        from xmodal.data.shards import shard_identity
+
+        return data_identity(shards=shard_identity(paths.shards))
     return data_identity({"train": paths.train}, media=[r.image for r in read_records(paths.train)])
 
 
@@ -87,6 +105,56 @@ def paired_dataset(path: Path, views: list[View], cfg: DataConfig, seed: int = 0
     base = ImageTextDataset(path, transform=None, tokenizer=None, on_error=cfg.on_error,
                             caption_sampling=cfg.caption_sampling, seed=seed)
     return PairedViews(base, views)
+
+
+class _StreamItem:
+    """PairedViews' base for a stream: the one item handed to `StreamViews`."""
+
+    item: dict | None = None
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> dict | None:
+        return self.item
+
+
+class StreamViews:
+    """Each model's pipeline (PairedViews, as for the CSV data) on one streamed {"id", "image", "text"} item, with
+    the same (seed, key, epoch) randomness: the `item_fn` of a ShardDataset."""
+
+    def __init__(self, views: list[View], seed: int):
+        self.paired = PairedViews(_StreamItem(), views, seed=seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.paired.set_epoch(epoch)
+
+    def __call__(self, item: dict, seed: int) -> dict:
+        self.paired.base.item = item
+        return self.paired[0]
+
+
+def training_data(paths: DataPaths, views: list[View], cfg: DataConfig, train: TrainConfig, *,
+                  rank: int = 0, world_size: int = 1, pin_memory: bool = False):
+    """The training pairs for the engine: map-style over `data.train`, or this rank's shard stream over
+    `data.shards` (`train.num_workers` loader workers; see xmodal/data/shards.py)."""
+    if paths.shards is None:
+        return paired_dataset(paths.train, views, cfg, seed=train.seed)
+    from xmodal.data.shards import ShardDataset, ShardLoader
+
+    if train.batch_size % world_size:
+        raise ConfigError(f"train.batch_size {train.batch_size} must be divisible by the number of processes "
+                          f"{world_size}")
+    item_fn = StreamViews(views, train.seed)
+    shards = ShardDataset(paths.shards, train.batch_size // world_size, rank=rank, world_size=world_size,
+                          num_workers=train.num_workers, seed=train.seed, caption_sampling=cfg.caption_sampling,
+                          image_keys=cfg.shard_image_keys, caption_key=cfg.shard_caption_key,
+                          shuffle_buffer=cfg.shard_shuffle, on_error=cfg.on_error, item_fn=item_fn,
+                          collate_fn=collate_skipping)
+    loader = ShardLoader(shards, pin_memory=pin_memory)
+    loader.paired = item_fn.paired  # what per-item settings (e.g. shared views) apply to
+    loader.share_views = lambda *args, **kw: (item_fn.paired.share_views(*args, **kw), loader)[1]
+    return loader
 
 
 # ---------------------------------------------------------------- models
@@ -166,25 +234,26 @@ def image_throughput(model: nn.Module, image_size: int, device: torch.device, ba
 def train_clip(clip_model: ClipModel, paths: DataPaths, data_cfg: DataConfig, train: TrainConfig, run_dir: Path,
                *, losses: list[LossSpec], teacher: ClipModel | None = None, evaluator=None, config: Any = None,
                resume: str | None = None, projection: str | None = None, device: torch.device,
-               teacher_cache: str | None = None) -> dict:
+               teacher_cache: str | None = None, views: ViewRecipe | None = None) -> dict:
     """One engine run: `clip_model` learns from `teacher` (or from the captions alone when teacher is None).
 
-    With `teacher_cache` (a folder from `xmodal cache`), the teacher's outputs are read instead of computed.
+    With `teacher_cache` (a folder from `xmodal cache`), the teacher's outputs are read instead of computed; a
+    cache with recorded views replays them. `views` without a cache: teacher and student share online views.
     """
-    from xmodal.engine import Distiller
+    from xmodal.engine import Distiller, TeacherCache
     from xmodal.losses import build_losses
 
-    views = [View(clip_model.train_transform, clip_model.tokenizer)]
+    views_ = [View(clip_model.train_transform, clip_model.tokenizer, render=ViewRenderer(clip_model.preprocess_cfg))]
     teacher_fn = None
     teacher_fp = None
     if teacher is not None:
-        t_view = View(teacher.eval_transform, teacher.tokenizer)
-        if not same_pipeline(t_view.transform, views[0].transform):
+        t_view = View(teacher.eval_transform, teacher.tokenizer, render=ViewRenderer(teacher.preprocess_cfg))
+        if not same_pipeline(t_view.transform, views_[0].transform):
             t_view.image_key = "teacher_image"
-        if not same_pipeline(t_view.tokenizer, views[0].tokenizer):
+        if not same_pipeline(t_view.tokenizer, views_[0].tokenizer):
             t_view.text_key = "teacher_text"
         if (t_view.image_key, t_view.text_key) != ("image", "text"):
-            views.append(t_view)
+            views_.append(t_view)
         teacher_fn = ClipTeacher(teacher.model, t_view.image_key, t_view.text_key, extra=teacher.preprocess_cfg)
         teacher_fp = fingerprint(teacher_fn.fingerprint, data=train_data_identity(paths))
         dim = teacher_fn.dim
@@ -193,11 +262,18 @@ def train_clip(clip_model: ClipModel, paths: DataPaths, data_cfg: DataConfig, tr
 
         dim = clip_embed_dim(clip_model.model)
     student = ClipStudent(clip_model.model, dim, projection).to(device)
+    cache = None
     if teacher_cache is not None:
-        views = views[:1]  # the cache replaces the teacher's inputs
-    dataset = paired_dataset(paths.train, views, data_cfg, seed=train.seed)
+        views_ = views_[:1]  # the cache replaces the teacher's inputs
+        cache = TeacherCache(teacher_cache, fingerprint=teacher_fp)
+    from xmodal.distributed import rank, world_size
+
+    dataset = training_data(paths, views_, data_cfg, train, rank=rank(), world_size=world_size(),
+                            pin_memory=device.type == "cuda")
+    if teacher is not None:
+        dataset.share_views(views, cache)  # replay the cache's recorded views, or share online views
     distiller = Distiller(student, build_losses(losses), dataset, train, run_dir,
-                          teacher=teacher_cache if teacher_cache is not None else teacher_fn,
+                          teacher=cache if cache is not None else teacher_fn,
                           evaluator=evaluator, config=config, teacher_fingerprint=teacher_fp, resume=resume,
                           collate_fn=collate_skipping)
     from xmodal.distributed import is_main_process
@@ -217,7 +293,8 @@ def obtain_teacher(cfg: TeacherConfig, paths: DataPaths, data_cfg: DataConfig, r
             log.warning("teacher: built from model_cfg with random weights and no teacher.train; "
                         "it will teach noise. Give pretrained weights or a teacher.train block")
         return teacher
-    settings = {k: v for k, v in to_dict(cfg).items() if k != "cache"}  # where outputs are cached is not the teacher
+    # where (and which views) outputs are cached is not the teacher
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("cache", "cache_views")}
     data = train_data_identity(paths)
     key = hash_json({"teacher": settings, "data": data.digest})  # the data's content, not its name or size
     folder = run_dir / "teacher" / key  # one folder per settings: a changed teacher never meets old checkpoints
@@ -293,7 +370,8 @@ def training_batches(model: ClipModel, paths: DataPaths, data_cfg: DataConfig, b
     """Endless training batches in `model`'s own pipeline, on `device`; the same batches in every process."""
     from xmodal.engine import BatchStream, to_device
 
-    dataset = paired_dataset(paths.train, [View(model.train_transform, model.tokenizer)], data_cfg, seed=seed)
+    train = TrainConfig(batch_size=batch_size, seed=seed)  # one process's stream: every process reads all data
+    dataset = training_data(paths, [View(model.train_transform, model.tokenizer)], data_cfg, train)
     for batch in BatchStream(dataset, global_batch=batch_size, seed=seed, collate_fn=collate_skipping):
         yield to_device(batch, device)
 
@@ -405,7 +483,7 @@ def run(cfg: ClipDistillConfig) -> dict:
         stages.start(k)
         out = train_clip(student, paths, cfg.data, train, stage_dir, losses=cfg.losses, teacher=teacher,
                          evaluator=evaluator, config=cfg, resume=resume, projection=cfg.student.projection,
-                         device=device, teacher_cache=cfg.teacher.cache)
+                         device=device, teacher_cache=cfg.teacher.cache, views=view_recipe(cfg))
         results[record.name] = {
             "arch": describe_model_cfg(model_cfg), "params": count_parameters(student.model),
             "inherit": "none" if inherit is None else inherit.mode,
@@ -426,10 +504,24 @@ def cache_source(cfg: ClipDistillConfig) -> CacheSource:
     """`xmodal cache CONFIG`: the teacher's image and caption embeddings for every training sample."""
     device = init_distributed(cfg.train.device)
     paths = resolve_data(cfg.data)
+    if paths.shards is not None:
+        raise ConfigError("xmodal cache reads the training data by sample: build the cache from the CSV the shards "
+                          "were written from (data.train, the same sample keys), or train from data.shards "
+                          "without teacher.cache")
     teacher = obtain_teacher(cfg.teacher, paths, cfg.data, Path(cfg.run_dir), device)
     fn = ClipTeacher(teacher.model, extra=teacher.preprocess_cfg)
-    dataset = paired_dataset(paths.train, [View(teacher.eval_transform, teacher.tokenizer)], cfg.data)
+    view = View(teacher.eval_transform, teacher.tokenizer, render=ViewRenderer(teacher.preprocess_cfg))
+    dataset = paired_dataset(paths.train, [view], cfg.data)
+    recipe = view_recipe(cfg)
+    if recipe is not None:  # K augmented views per image, each stored with its crop and flip
+        dataset = RecordedViews(dataset.base, view, recipe)
     data = train_data_identity(paths)
     return CacheSource(fn, dataset, fingerprint(fn.fingerprint, data=data), collate_fn=collate_skipping,
                        batch_size=cfg.train.batch_size, out_dir=cfg.teacher.cache, meta={"data": str(paths.train)},
-                       data=data)
+                       data=data, views=None if recipe is None else recipe.to_dict())
+
+
+def view_recipe(cfg: ClipDistillConfig) -> ViewRecipe | None:
+    """The augmented-view recipe of `teacher.cache_views`, or None."""
+    v = cfg.teacher.cache_views
+    return None if v is None else ViewRecipe(v.count, tuple(v.scale), tuple(v.ratio), v.flip, v.seed)
