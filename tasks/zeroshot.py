@@ -68,7 +68,8 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default=None,
                    help="imagefolder: the split folder under PATH (default: PATH/val when present, else PATH)")
     p.add_argument("--classnames", default=None,
-                   help="imagefolder: file with one class name per line, in sorted class-folder order (default: "
+                   help="imagefolder: file with one class name per line, in sorted class-folder order, or "
+                        "openai-imagenet (CLIP's ImageNet-1k names, in sorted WordNet-id folder order) (default: "
                         "PATH/classnames.txt, else the folder names with _ as spaces)")
     p.add_argument("--templates", default=None,
                    help="imagefolder: file with one prompt template per line, {c} for the class name, or a "

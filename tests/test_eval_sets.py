@@ -235,6 +235,21 @@ def test_imagefolder_labels_follow_sorted_folders(tmp_path):
     assert read_imagefolder(str(cb), split="test").templates == ["a {}"]
 
 
+def test_imagefolder_builtin_imagenet_names_and_templates(tmp_path):
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+
+    wnids = tmp_path / "imagenet"  # ImageNet's WordNet-id folders sort into CLIP's class-name order
+    for k in range(1000):
+        (wnids / "val" / f"n{k:08d}").mkdir(parents=True)
+    png(wnids / "val" / "n00000000" / "a.png", (1, 2, 3))
+    for k in range(1, 1000):
+        os.link(wnids / "val" / "n00000000" / "a.png", wnids / "val" / f"n{k:08d}" / "a.png")
+    zs = read_imagefolder(str(wnids), classnames="openai-imagenet", templates="openai-imagenet")
+    assert zs.classnames == list(IMAGENET_CLASSNAMES) and "classnames" not in zs.files
+    assert [t.format("cat") for t in zs.templates] == [t("cat") for t in OPENAI_IMAGENET_TEMPLATES]
+    assert zs.items[1] == (str(wnids / "val" / "n00000001" / "a.png"), 1) and len(zs.items) == 1000
+
+
 def test_imagefolder_errors(tmp_path):
     base = write_imagefolder(tmp_path)
     (tmp_path / "classnames.txt").write_text("one\ntwo\n")
@@ -247,6 +262,8 @@ def test_imagefolder_errors(tmp_path):
     with pytest.raises(DataError, match=r"bad.txt:2: template 'a photo of a \{\}' has no \{c\} placeholder .*write "
                                         r"\{c\}"):
         read_imagefolder(str(tmp_path), templates=str(bad))
+    with pytest.raises(DataError, match=r"openai-imagenet: 1000 class names for 3 class folders"):
+        read_imagefolder(str(tmp_path), classnames="openai-imagenet")
     with pytest.raises(DataError, match=r"nope.txt: templates file not found.*built-in set: openai-imagenet"):
         read_imagefolder(str(tmp_path), templates=str(tmp_path / "nope.txt"))
     with pytest.raises(DataError, match=r"no split folder 'train' \(it holds: val\)"):

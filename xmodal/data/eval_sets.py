@@ -179,10 +179,10 @@ def split_data_spec(spec: str, task: str) -> tuple[EvalSetReader, str] | None:
         return None
     name, path = m.group(1), m.group(2)
     _import_reader_modules()
-    known = eval_set_names(task)
     if name not in EVAL_SETS:
         if os.path.exists(spec) or "://" in spec:
             return None
+        known = eval_set_names(task)
         hint = suggest(name, known) or next((f" (did you mean '{k}'?)" for k in known if k.startswith(name.lower())),
                                             "")
         raise ConfigError(
@@ -191,6 +191,7 @@ def split_data_spec(spec: str, task: str) -> tuple[EvalSetReader, str] | None:
         )
     reader = EVAL_SETS.get(name)
     if task not in reader.tasks:
+        known = eval_set_names(task)
         other = " / ".join(COMMAND[t] for t in reader.tasks)
         raise ConfigError(
             f"--data {spec}: {name} is a {' and '.join(reader.tasks)} set (use it with {other}); {COMMAND[task]} "
@@ -417,7 +418,13 @@ BUILTIN_TEMPLATES: dict[str, Callable[[], list[str]]] = {
 }
 
 
-def _open_clip_templates(name: str) -> Sequence[Callable[[str], str]]:
+BUILTIN_CLASSNAMES: dict[str, Callable[[], list[str]]] = {
+    # ImageNet-1k in sorted WordNet-id order, which is the sorted order of ImageNet's class folders (n01440764, ...)
+    "openai-imagenet": lambda: list(_open_clip_templates("IMAGENET_CLASSNAMES")),
+}
+
+
+def _open_clip_templates(name: str) -> Sequence[Any]:
     from open_clip import zero_shot_metadata
 
     return getattr(zero_shot_metadata, name)
@@ -440,7 +447,8 @@ def _first_existing(root: Path, names: Sequence[str]) -> Path | None:
 def read_imagefolder(path: str, *, split: str | None = None, classnames: str | None = None,
                      templates: str | None = None) -> ZeroShotSet:
     """ImageNet-style PATH/<split>/<class>/*.jpg (or PATH/<class>/ without split folders): labels follow the sorted
-    class folders. Class names: `classnames` file, PATH/classnames.txt, else folder names (`_` → space).
+    class folders. Class names: `classnames` file or built-in name, PATH/classnames.txt, else folder names (`_` →
+    space).
     Templates (`{c}`): `templates` file or built-in name, PATH/templates.txt or zeroshot_classification_templates.txt,
     else "a photo of a {c}.". Without `split`, PATH/val is read when it exists, else PATH itself."""
     root = Path(path)
@@ -466,15 +474,17 @@ def read_imagefolder(path: str, *, split: str | None = None, classnames: str | N
                             "images or remove the folder (labels follow the sorted class folders)")
         items.extend((f, label) for f in files)
     files_used: dict[str, str] = {}
+    builtin = classnames in BUILTIN_CLASSNAMES
     names_file = Path(classnames) if classnames else _first_existing(root, CLASSNAMES_FILES)
     if names_file is not None:
-        names = read_lines(names_file, "class names")
+        names = BUILTIN_CLASSNAMES[classnames]() if builtin else read_lines(names_file, "class names")
         if len(names) != len(classes):
             raise DataError(
                 f"{names_file}: {len(names)} class names for {len(classes)} class folders in {folder} (first "
                 f"{classes[0]!r}, last {classes[-1]!r}); write one name per class folder, in sorted folder order"
             )
-        files_used["classnames"] = str(names_file)
+        if not builtin:
+            files_used["classnames"] = str(names_file)
     else:
         names = [c.replace("_", " ") for c in classes]
     if templates in BUILTIN_TEMPLATES:
