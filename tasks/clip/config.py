@@ -109,7 +109,14 @@ class SyntheticDataConfig:
 
 @dataclass
 class DataConfig:
-    """Image-text CSV/TSV/JSON-lines files; relative names are taken inside `root` when it is set."""
+    """Image-text CSV/TSV/JSON-lines files; relative names are taken inside `root` when it is set.
+
+    `shards` trains from webdataset tar shards instead of `train` (a brace pattern such as
+    "shards/shard-{000000..000127}.tar", as `xmodal data shards` prints it; see xmodal/data/shards.py): the image is
+    the first member among `shard_image_keys`, the captions are read from `shard_caption_key` ("txt", another
+    member, or "json.FIELD"; None: the json's "captions", else "txt"), and `shard_shuffle` samples fill the
+    shuffle buffer (0 or 1: shard order only). Validation and test stay CSV/JSON lines.
+    """
 
     train: str = "train.csv"
     val: str | None = "val.csv"
@@ -119,6 +126,16 @@ class DataConfig:
     synthetic: SyntheticDataConfig | None = None
     on_error: Literal["skip", "raise"] = "skip"
     caption_sampling: Literal["first", "random", "all"] = "random"
+    shards: str | None = None
+    shard_image_keys: list[str] = field(default_factory=lambda: ["jpg", "png", "webp"])
+    shard_caption_key: str | None = None
+    shard_shuffle: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.shards is not None and not self.shard_image_keys:
+            raise ConfigError("data.shard_image_keys: name at least one image member (e.g. [jpg, png, webp])")
+        if self.shard_shuffle < 0:
+            raise ConfigError(f"data.shard_shuffle must be 0 or more samples, got {self.shard_shuffle}")
 
 
 @dataclass
@@ -146,6 +163,11 @@ class ClipDistillConfig:
 
     def __post_init__(self) -> None:
         self.teacher.check("teacher")
+        if self.teacher.cache and self.data.shards is not None:
+            raise ConfigError(
+                "teacher.cache is built from data.train by sample; with data.shards the teacher runs online: drop "
+                "teacher.cache, or train from the CSV the shards were written from"
+            )
         if self.teacher.cache and self.data.caption_sampling == "random":
             raise ConfigError(
                 "teacher.cache: cached teacher outputs are stored per sample id, so each id must always show the "

@@ -237,6 +237,8 @@ class BatchStream:
     loading process learns the epoch (`EpochView`), and unreadable samples are replaced and their keys collected
     in `skipped_keys`. Over any other iterable (a DataLoader a job built) the epoch is re-iterated and `offset`
     batches are skipped; its data set's `set_epoch` is called in this process only (so not in persistent workers).
+    A loader with `seek(epoch, offset)` is told where to start instead (nothing is skipped here), and one with
+    `reports_skipped = True` yields `(batch, skipped keys)` pairs, whose keys join `skipped_keys`.
     """
 
     def __init__(self, data: Dataset | Iterable, *, global_batch: int, rank: int = 0, world_size: int = 1,
@@ -259,6 +261,8 @@ class BatchStream:
             )
         else:
             self.loader = data
+        # a stream loader (e.g. xmodal.data.shards.ShardLoader) may yield (batch, skipped keys) pairs
+        self._reports_skipped = self.sampler is None and bool(getattr(data, "reports_skipped", False))
 
     @property
     def samples_per_batch(self) -> int | None:
@@ -310,7 +314,13 @@ class BatchStream:
         # Whatever the loader draws from the global RNGs when an epoch starts (worker seeds, the shuffle seed,
         # the first batch) comes from a per-epoch seed instead, and batches skipped on resume leave the restored
         # RNG state alone: a resumed epoch then reproduces the interrupted one.
+        seek = getattr(self.loader, "seek", None)
         with _seeded_rng(self.seed * 1_000_003 + self.epoch):
+            if callable(seek):  # the loader starts at (epoch, offset) itself, without loading the batches before
+                seek(self.epoch, self.offset)
+                self._iter = iter(self.loader)
+                self._pending = next(self._iter, _END)
+                return
             self._iter = iter(self.loader)
             if self.offset == 0:
                 self._pending = next(self._iter, _END)
@@ -344,7 +354,7 @@ class BatchStream:
                 self.epoch, self.offset = self.epoch + 1, 0
                 continue
             self.offset += 1
-            if self.sampler is not None:
+            if self.sampler is not None or self._reports_skipped:
                 batch, skipped = batch
                 self._record_skipped(skipped)
             return batch
