@@ -71,6 +71,20 @@ class TrainConfig:
     keep_last: int = 2
     num_workers: int = 0
     device: str = "auto"
+    report_to: list[str] = field(default_factory=list)  # also log metrics to these (e.g. tensorboard)
+
+    def check_config(self, source: str, key: str) -> None:
+        """Every `report_to` entry names a metrics reporter, so a typo fails when the config loads."""
+        from xmodal.engine.run import REPORTERS
+
+        valid = REPORTERS.names()
+        for i, name in enumerate(self.report_to):
+            if name not in valid:
+                at = f"{key}." if key else ""
+                raise ConfigError(
+                    f"{source}: key '{at}report_to[{i}]': unknown value '{name}'{suggest(str(name), valid)}; "
+                    f"valid values: {', '.join(valid)}"
+                )
 
 
 # ---------------------------------------------------------------- YAML and overrides

@@ -41,7 +41,7 @@ RESUME_MAY_RETUNE = ("train.lr", "train.warmup_steps", "train.clip_grad_norm", "
 # Config keys that may change between a run and its resume (matched against the dotted key or its last part).
 RESUME_MAY_CHANGE = (
     "resume", "steps", "log_every", "eval_every", "ckpt_every", "keep_last", "num_workers", "device",
-    "run_dir", "output_dir", "progress", *RESUME_MAY_RETUNE,
+    "run_dir", "output_dir", "progress", "report_to", *RESUME_MAY_RETUNE,
 )
 
 # `resume` values that pick the newest intact checkpoint of the run folder: "latest" requires one, "auto"

@@ -238,7 +238,7 @@ class Distiller:
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
 
-        self.run = RunDir(run_dir)
+        self.run = RunDir(run_dir, report_to=cfg.report_to)
         self.ckpts = CheckpointManager(self.run.checkpoints, cfg.keep_last)
         self.stream = BatchStream(
             data, global_batch=cfg.batch_size, rank=self.rank, world_size=self.world, seed=cfg.seed,
