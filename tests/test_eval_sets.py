@@ -328,6 +328,10 @@ def test_eval_retrieval_on_coco_karpathy(tmp_path, model_dir, capsys):
 
     assert eval_retrieval("--model", str(model_dir), "--data", "coco:" + str(root), "--no-cache") == 2
     assert "unknown evaluation set 'coco'" in capsys.readouterr().err
+    (root / "val2014" / "COCO_val2014_000000000005.jpg").unlink()  # not the split's first image
+    assert eval_retrieval("--model", str(model_dir), "--data", spec, "--no-cache") == 2
+    err = capsys.readouterr().err
+    assert "dataset_coco.json: images[5] (COCO_val2014_000000000005.jpg)" in err and "missing" in err
 
 
 def test_eval_zeroshot_on_imagefolder(tmp_path, model_dir, capsys):
