@@ -8,7 +8,9 @@
   downloaded), wrapped as `Wav2Vec2Encoder` (waveform [B, S] + mask → states, mask, CTC logits at 50 Hz).
 
 Both are teacher kinds of the "speech" family (`xmodal.models.create_teacher`): "speech" and "wav2vec2", loaded
-from a config's `path` (and `params` for wav2vec2) with the job's vocabulary.
+from a config's `path` (and `params` for wav2vec2) with the job's vocabulary. Both can `transcribe` (greedy CTC
+with a confidence, `xmodal.nn.recognizer.ctc_transcribe`), so they can pseudo-label clips (`xmodal data
+pseudo-label --kind speech`); a speech recogniser file records the audio settings it was trained on.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ from xmodal.fingerprint import model_fingerprint
 from xmodal.models import config_value, register_teacher
 from xmodal.nn.recognizer import (
     TEMPORAL_ENCODERS,
+    CTCTranscript,
     EncoderOutput,
     SequenceRecognizer,
+    ctc_transcribe,
     load_recognizer,
     register_recognizer,
 )
@@ -108,10 +112,16 @@ class ConvSubsampling(nn.Module):
 class SpeechRecognizer(SequenceRecognizer):
     """CTC/attention speech recogniser over log-mel features [B, T, n_mels] with mask [B, T]."""
 
+    input_features = "fbank"  # what it reads from batch["audio"] (AudioConfig.features)
+
     def __init__(self, config: SpeechRecognizerConfig | None = None):
         config = config or SpeechRecognizerConfig()
         super().__init__(config)
         self.subsample = ConvSubsampling(config.n_mels, config.dim, config.subsampling)
+        # Set by `load_speech_recognizer` from the file's meta (what the lip job records when it trains one):
+        self.vocab: Any = None  # the vocabulary its CTC head predicts, for `transcribe`
+        self.audio_config: Any = None  # the AudioConfig (rate, mels, frames) of the features it was trained on
+        self.sample_rate: int | None = None  # audio_config.sample_rate; the lip job refuses data at another rate
 
     def frontend(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         if x.dim() != 3 or x.shape[-1] != self.config.n_mels:
@@ -120,6 +130,18 @@ class SpeechRecognizer(SequenceRecognizer):
             )
         return self.subsample(x, mask)
 
+    @torch.inference_mode()
+    def transcribe(self, features: Tensor, mask: Tensor | None = None) -> list[CTCTranscript]:
+        """Greedy CTC transcripts of log-mel features [B, T, n_mels]; `avg_logprob` is the mean log-probability
+        of the best path over its emitting (non-blank) frames (`xmodal.nn.recognizer.ctc_confidence`)."""
+        if self.vocab is None:
+            raise ConfigError("this speech recogniser does not know its vocabulary (its file has no meta 'vocab'); "
+                              "load it with load_speech_recognizer(path, vocab=...) or set its .vocab")
+        param = next(self.parameters())
+        x = features.to(device=param.device, dtype=param.dtype)
+        mask = None if mask is None else mask.to(param.device)
+        return ctc_transcribe(self(x, mask), self.vocab.decode, self.blank)
+
 
 def _freeze(model: nn.Module, frozen: bool) -> nn.Module:
     if frozen:
@@ -127,9 +149,35 @@ def _freeze(model: nn.Module, frozen: bool) -> nn.Module:
     return model
 
 
-def load_speech_recognizer(path: str | os.PathLike, *, device: str = "cpu", frozen: bool = True) -> SpeechRecognizer:
-    """Load an xmodal speech recogniser saved with `save_recognizer` (keys kind, config, model)."""
-    model = load_recognizer(path, kind="speech_recognizer")
+def load_speech_recognizer(path: str | os.PathLike, *, vocab: Any = None, device: str = "cpu",
+                           frozen: bool = True) -> SpeechRecognizer:
+    """Load an xmodal speech recogniser saved with `save_recognizer` (keys kind, config, model, meta).
+
+    The file's meta gives its vocabulary (else `vocab`, which must then have as many tokens as its CTC head) and
+    the audio settings it was trained on (`audio_config`, `sample_rate`; None when the file does not say).
+    """
+    from xmodal.config import from_dict
+    from xmodal.data.av import AudioConfig
+    from xmodal.data.vocab import vocab_from_dict
+
+    model, meta = load_recognizer(path, kind="speech_recognizer", return_meta=True)
+    try:
+        if isinstance(meta.get("vocab"), Mapping):
+            vocab = vocab_from_dict(dict(meta["vocab"]))
+        if isinstance(meta.get("audio"), Mapping):
+            model.audio_config = from_dict(AudioConfig, dict(meta["audio"]), source=f"{path} meta 'audio'")
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: its meta record is not valid: {e}") from e
+    if vocab is not None and len(vocab) != model.vocab_size:
+        raise ConfigError(f"{path}: the recogniser predicts {model.vocab_size} tokens but the vocabulary has "
+                          f"{len(vocab)}; give the vocabulary it was trained with")
+    if model.audio_config is not None:
+        if model.audio_config.n_mels != model.config.n_mels or model.audio_config.features != "fbank":
+            raise CheckpointError(f"{path}: meta 'audio' ({model.audio_config.features}, "
+                                  f"{model.audio_config.n_mels} mels) does not fit the model's "
+                                  f"{model.config.n_mels}-band fbank input")
+        model.sample_rate = int(model.audio_config.sample_rate)
+    model.vocab = vocab
     model.fingerprint = model_fingerprint(model, {"kind": "speech_recognizer"})
     return _freeze(model.to(resolve_device(device)), frozen)
 
@@ -140,7 +188,7 @@ def speech_teacher(cfg: Any, *, vocab: Any = None, device: str = "cpu", frozen: 
     params = config_value(cfg, "params") or {}
     if params:
         raise ConfigError(f"teacher.params {sorted(params)}: a 'speech' teacher file takes no parameters")
-    return load_speech_recognizer(config_value(cfg, "path"), device=device, frozen=frozen)
+    return load_speech_recognizer(config_value(cfg, "path"), vocab=vocab, device=device, frozen=frozen)
 
 
 # ---------------------------------------------------------------- wav2vec2 / HuBERT via torchaudio
@@ -201,6 +249,7 @@ class Wav2Vec2Encoder(nn.Module):
         self.normalize_waveform = normalize_waveform
         self.register_buffer("label_map", None if label_map is None else torch.tensor(list(label_map)),
                              persistent=False)
+        self.vocab: Any = None  # the student's vocabulary when `label_map` maps the CTC head into it (`transcribe`)
 
     @property
     def min_samples(self) -> int:
@@ -253,6 +302,18 @@ class Wav2Vec2Encoder(nn.Module):
             logits = logits[..., idx.clamp_min(0)].masked_fill(idx < 0, -1e4)
         states = states.masked_fill(~out_mask.unsqueeze(-1), 0.0)
         return EncoderOutput(states, out_mask, logits)
+
+    @torch.inference_mode()
+    def transcribe(self, waveform: Tensor, mask: Tensor | None = None) -> list[CTCTranscript]:
+        """Greedy CTC transcripts in the student's vocabulary (needs a CTC head and a label map), with the same
+        confidence as the speech recogniser's (`xmodal.nn.recognizer.ctc_confidence`)."""
+        if self.model.aux is None or self.label_map is None or self.vocab is None:
+            raise ConfigError("this wav2vec2 model cannot transcribe into the vocabulary: it needs a CTC head and "
+                              "teacher.params.labels (the checkpoint's symbols), loaded with a vocabulary")
+        param = next(self.parameters())
+        mask = None if mask is None else mask.to(param.device)
+        return ctc_transcribe(self(waveform.to(device=param.device, dtype=param.dtype), mask), self.vocab.decode,
+                              self.blank)
 
 
 def _read_weights(path: str | os.PathLike) -> Any:
@@ -370,4 +431,7 @@ def wav2vec2_teacher(cfg: Any, *, vocab: Any = None, device: str = "cpu", frozen
         raise ConfigError(f"teacher.params: {sorted(reserved)} are set by the job; remove them")
     check_kwargs(load_wav2vec2, params, "teacher.params (kind wav2vec2)")
     tokens = None if vocab is None else list(vocab.tokens)
-    return load_wav2vec2(config_value(cfg, "path"), vocab_tokens=tokens, device=device, frozen=frozen, **params)
+    enc = load_wav2vec2(config_value(cfg, "path"), vocab_tokens=tokens, device=device, frozen=frozen, **params)
+    if enc.label_map is not None:
+        enc.vocab = vocab
+    return enc

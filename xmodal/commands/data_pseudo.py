@@ -1,5 +1,6 @@
 """`xmodal data pseudo-label`: a speech teacher transcribes a manifest's unlabelled clips; confident transcripts
-become their labels in a new manifest (see `xmodal.data.pseudo`)."""
+become their labels in a new manifest (see `xmodal.data.pseudo`). Teachers that can: whisper, speech (an xmodal
+speech recogniser file, fed the log-mel features its file records) and wav2vec2 with a CTC head and labels."""
 
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ def _param(text: str) -> tuple[str, object]:
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("manifest", type=Path, help="JSON-lines manifest with audio paths")
     p.add_argument("--out", required=True, type=Path, help="manifest to write (a sidecar OUT.json keeps the counts)")
-    p.add_argument("--teacher", required=True, type=Path, help="teacher model (for whisper: a transformers folder)")
-    p.add_argument("--kind", default="whisper", help="teacher kind that can transcribe (default whisper)")
+    p.add_argument("--teacher", required=True, type=Path,
+                   help="teacher model (whisper: a transformers folder; speech: a recogniser file)")
+    p.add_argument("--kind", default="whisper",
+                   help="teacher kind that can transcribe: whisper (default), speech or wav2vec2")
     p.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE",
                    help="teacher parameter, e.g. language=en (repeatable)")
     p.add_argument("--min-avg-logprob", type=float, default=-1.0,
@@ -34,7 +37,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "dropped (default: the lip job's character vocabulary)")
     p.add_argument("--relabel", action="store_true", help="transcribe every clip, not only the unlabelled ones")
     p.add_argument("--batch-size", type=int, default=8, help="clips per teacher batch (default 8)")
-    p.add_argument("--sample-rate", type=int, default=None, help="audio rate (default: the teacher's)")
+    p.add_argument("--sample-rate", type=int, default=None,
+                   help="audio rate (default: the teacher's; needed for a speech recogniser file that does not "
+                        "record its audio settings)")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when present)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -45,23 +50,49 @@ def run(args: argparse.Namespace) -> int:
     from xmodal.errors import ConfigError
     from xmodal.models import create_teacher
 
+    vocab = load_vocab(args.vocab) if args.vocab else CharVocab()
     teacher = create_teacher({"kind": args.kind, "path": str(args.teacher), "params": dict(args.param)},
-                             family="speech", device=args.device)
+                             family="speech", vocab=vocab, device=args.device)
     transcribe = getattr(teacher, "transcribe", None)
     if transcribe is None:
         raise ConfigError(f"teacher kind '{args.kind}' cannot transcribe; pseudo-labels need one that can "
-                          "(e.g. whisper)")
-    rate = args.sample_rate or getattr(teacher, "sample_rate", None)
-    if rate is None:
-        raise ConfigError(f"teacher kind '{args.kind}' does not say its sample rate; pass --sample-rate")
-    vocab = load_vocab(args.vocab) if args.vocab else CharVocab()
+                          "(whisper, speech or wav2vec2 with a CTC head)")
+    audio = teacher_input(teacher, args)
     filt = ConfidenceFilter(args.min_avg_logprob, args.max_compression_ratio)
-    record = pseudo_label_manifest(args.manifest, args.out, transcribe, sample_rate=int(rate),
+    record = pseudo_label_manifest(args.manifest, args.out, transcribe, audio=audio,
                                    teacher=getattr(teacher, "fingerprint", args.kind), filt=filt, vocab=vocab,
                                    batch_size=args.batch_size, relabel=args.relabel, progress=not args.no_progress)
     state = "up to date" if record["reused"] else "written"
     print(f"{args.out}: {state}; {record['asked']} of {record['clips']} clips asked: {record['summary']}")
     return 0
+
+
+def teacher_input(teacher, args: argparse.Namespace):
+    """The AudioConfig the teacher reads: the one it records (speech recogniser files), else its input kind
+    (`input_features`, waveform by default) at --sample-rate or its declared rate."""
+    import logging
+
+    from xmodal.data.av import AudioConfig
+    from xmodal.errors import ConfigError
+
+    recorded = getattr(teacher, "audio_config", None)
+    if recorded is not None:
+        if args.sample_rate and args.sample_rate != recorded.sample_rate:
+            raise ConfigError(f"--sample-rate {args.sample_rate}: the '{args.kind}' teacher {args.teacher} was "
+                              f"trained on {recorded.features} features of {recorded.sample_rate} Hz audio; drop "
+                              "--sample-rate (files at other rates are resampled)")
+        return recorded
+    rate = args.sample_rate or getattr(teacher, "sample_rate", None)
+    if rate is None:
+        raise ConfigError(f"teacher kind '{args.kind}' does not say its sample rate; pass --sample-rate")
+    features = getattr(teacher, "input_features", "waveform")
+    if features == "fbank":
+        n_mels = int(teacher.config.n_mels)
+        logging.getLogger(__name__).warning(
+            "%s does not record its audio settings; using %d-band fbank with the default frames and "
+            "normalisation at %d Hz", args.teacher, n_mels, rate)
+        return AudioConfig(sample_rate=int(rate), features="fbank", n_mels=n_mels)
+    return AudioConfig(sample_rate=int(rate), features=features)
 
 
 register_command(

@@ -5,7 +5,8 @@
 student's vocabulary can spell it; every rejection is counted by reason and the acceptance rate is logged.
 `pseudo_label_manifest` writes a copy of a manifest with accepted transcripts filled in (marked `pseudo_label`),
 once per recipe: a sidecar `<out>.json` records the teacher, the input and the filter, and a matching one means
-the labels are reused.
+the labels are reused. The teacher gets what it reads: the waveform (Whisper, wav2vec2) or the lip job's log-mel
+features (`audio=AudioConfig(features="fbank", ...)`, for xmodal speech recognisers), computed as in training.
 """
 
 from __future__ import annotations
@@ -92,35 +93,46 @@ class ConfidenceFilter:
 Transcriber = Callable[[torch.Tensor, torch.Tensor], Sequence[TranscriptLike]]
 
 
-def _pad(waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    n = max(int(w.numel()) for w in waves)
-    out = torch.zeros(len(waves), n)
-    mask = torch.zeros(len(waves), n, dtype=torch.bool)
-    for i, w in enumerate(waves):
-        out[i, : w.numel()] = w
-        mask[i, : w.numel()] = True
-    return out, mask
+def teacher_audio(sample_rate: int | None = None, audio: Any = None) -> Any:
+    """The AudioConfig a transcriber reads: `audio` as given, else the waveform at `sample_rate`."""
+    from xmodal.data.av import AudioConfig
+
+    if audio is None:
+        if sample_rate is None:
+            raise ConfigError("pseudo-labels need the teacher's input: give sample_rate= (waveform teachers) or "
+                              "audio= (an AudioConfig, e.g. log-mel features for a speech recogniser)")
+        return AudioConfig(sample_rate=int(sample_rate), features="waveform")
+    if sample_rate is not None and int(sample_rate) != audio.sample_rate:
+        raise ConfigError(f"sample_rate {sample_rate} differs from audio.sample_rate {audio.sample_rate}; give one")
+    return audio
 
 
-def pseudo_label_manifest(manifest: str | Path, out: str | Path, transcribe: Transcriber, *, sample_rate: int,
-                          teacher: str, filt: ConfidenceFilter | None = None, vocab: Any = None,
-                          batch_size: int = 8, relabel: bool = False, progress: bool = False) -> dict:
+def pseudo_label_manifest(manifest: str | Path, out: str | Path, transcribe: Transcriber, *,
+                          sample_rate: int | None = None, audio: Any = None, teacher: str,
+                          filt: ConfidenceFilter | None = None, vocab: Any = None, batch_size: int = 8,
+                          relabel: bool = False, progress: bool = False) -> dict:
     """Write `out`: `manifest` with the teacher's accepted transcripts for its unlabelled clips (all clips with
-    `relabel`), each marked {"pseudo_label": {"teacher", "avg_logprob"}}. Returns the sidecar record (counts,
-    acceptance rate, recipe); when `<out>.json` already holds the same recipe, nothing is recomputed."""
+    `relabel`), each marked {"pseudo_label": {"teacher", "avg_logprob"}}. The teacher reads each clip's waveform at
+    `sample_rate`, or with `audio` (an `xmodal.data.av.AudioConfig`) the features it names, made by the lip job's
+    own extractor. Returns the sidecar record (counts, acceptance rate, recipe); when `<out>.json` already holds
+    the same recipe, nothing is recomputed."""
     from tqdm import tqdm
 
-    from xmodal.data.av import load_audio, read_av_manifest
+    from xmodal.config import to_dict
+    from xmodal.data.av import AUDIO_FEATURES, _pad, load_audio, read_av_manifest
     from xmodal.io import atomic_write, atomic_write_json
 
     manifest, out = Path(manifest), Path(out)
     if out.resolve() == manifest.resolve():
         raise ConfigError(f"the pseudo-labelled manifest must be a new file, not the input {manifest}")
+    audio = teacher_audio(sample_rate, audio)
+    extract = AUDIO_FEATURES[audio.features]
     filt = filt or ConfidenceFilter()
     records = read_av_manifest(manifest)  # a missing or malformed manifest is a DataError before anything runs
     recipe = {"teacher": teacher, "manifest": hashlib.sha256(manifest.read_bytes()).hexdigest(), "relabel": relabel,
               "min_avg_logprob": filt.min_avg_logprob, "max_compression_ratio": filt.max_compression_ratio,
-              "vocab": None if vocab is None else vocab.to_dict(), "sample_rate": sample_rate}
+              "vocab": None if vocab is None else vocab.to_dict(), "sample_rate": audio.sample_rate,
+              "audio": to_dict(audio)}
     sidecar = out.with_name(out.name + ".json")
     if out.is_file() and sidecar.is_file():
         try:
@@ -140,9 +152,11 @@ def pseudo_label_manifest(manifest: str | Path, out: str | Path, transcribe: Tra
             with_audio.append(i)
     batches = [with_audio[k:k + batch_size] for k in range(0, len(with_audio), batch_size)]
     for batch in tqdm(batches, desc="pseudo-labels", unit="batch", disable=not progress):
-        waves = [load_audio(records[i].audio, sample_rate, records[i].id) for i in batch]
-        wav, mask = _pad(waves)
-        results = transcribe(wav, mask)
+        ids = [records[i].id for i in batch]
+        inputs = [extract(load_audio(records[i].audio, audio.sample_rate, records[i].id,
+                                     max_expansion=audio.max_expansion), audio, records[i].id) for i in batch]
+        x, mask = _pad(inputs, ids, "audio")
+        results = transcribe(x, mask)
         if len(results) != len(batch):
             raise ValueError(f"the transcriber returned {len(results)} transcripts for {len(batch)} clips")
         for i, t in zip(batch, results):

@@ -7,6 +7,7 @@ interface the speech adapters read; `decode_teacher_forced` runs the decoder for
 LIBS context features. Padding is exact: in eval mode a sample's outputs do not depend on the batch it is in.
 
 Model files written by `save_recognizer` hold `{"kind", "config", "model"}` and load with `load_recognizer`.
+`ctc_transcribe` turns CTC logits into greedy transcripts with a confidence, for recognisers that label data.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -201,6 +205,61 @@ class SequenceRecognizer(nn.Module):
     def decode_teacher_forced(self, states: Tensor, mask: Tensor, tokens_in: Tensor) -> tuple[Tensor, Tensor]:
         """Decoder logits [B, K, V] and states [B, K, D] for inputs `<sos> y` (see `seqalign.decoder_io`)."""
         return self.decoder(tokens_in, states, mask)
+
+
+# ---------------------------------------------------------------- greedy CTC transcripts
+
+
+@dataclass
+class CTCTranscript:
+    """A greedy CTC transcript (the fields `xmodal.data.pseudo.ConfidenceFilter` reads, like Whisper's).
+
+    `avg_logprob` is the mean, over the best path's emitting frames (frames whose argmax is not the blank),
+    of the log-probability of that argmax; see `ctc_confidence`. CTC decoding always ends: `finished` is True.
+    """
+
+    text: str
+    avg_logprob: float
+    tokens: list[int]
+    finished: bool = True
+    frames: int = field(default=0, compare=False)  # real input frames of the utterance
+
+    @property
+    def compression_ratio(self) -> float:
+        """Bytes of text over bytes zlib makes of it (Whisper's repetition measure)."""
+        raw = self.text.encode("utf-8")
+        return len(raw) / len(zlib.compress(raw)) if raw else 0.0
+
+
+def ctc_confidence(logits: Tensor, mask: Tensor | None = None, blank: int = 0) -> tuple[list[list[int]], Tensor]:
+    """Greedy (best-path) CTC labels per utterance and their confidence [B] from logits [B, T, V].
+
+    Confidence: the mean of max_v log p_t(v) over the emitting frames t (argmax ≠ blank, repeats of a token
+    included). Blank frames are left out: they are nearly always certain and would hide an unsure character in a
+    long silence. An utterance with no emitting frame (an empty transcript) gets the mean over all its frames.
+    """
+    from xmodal.seqalign import IGNORE_ID, ctc_collapse
+
+    if logits.dim() != 3:
+        raise ValueError(f"CTC logits must be [B, T, V], got {list(logits.shape)}")
+    if mask is None:
+        mask = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
+    best, labels = torch.log_softmax(logits.float(), dim=-1).max(-1)  # [B, T] each
+    emitting = mask & (labels != blank)
+    use = torch.where(emitting.any(1, keepdim=True), emitting, mask).to(best.dtype)
+    confidence = (best * use).sum(1) / use.sum(1).clamp_min(1.0)
+    return ctc_collapse(labels.masked_fill(~mask, IGNORE_ID), blank), confidence
+
+
+def ctc_transcribe(out: EncoderOutput, decode: Callable[[Iterable[int]], str], blank: int = 0) -> list[CTCTranscript]:
+    """Greedy CTC transcripts of an encoder output with CTC logits; `decode` maps token ids to text
+    (a vocabulary's `decode`)."""
+    if out.ctc_logits is None:
+        raise ValueError("the model has no CTC head (its output carries no CTC logits), so it cannot transcribe")
+    tokens, confidence = ctc_confidence(out.ctc_logits, out.mask, blank)
+    frames = out.mask.sum(1).tolist()
+    return [CTCTranscript(decode(ids), float(c), ids, True, int(n))
+            for ids, c, n in zip(tokens, confidence.tolist(), frames)]
 
 
 # ---------------------------------------------------------------- model files
