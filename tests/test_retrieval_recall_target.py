@@ -4,6 +4,7 @@ reported as NOT MET with the recall reached, and exact search ignores a target."
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -162,3 +163,31 @@ def test_sampled_tuning_is_seeded():
     b = evaluate_retrieval(images, texts, mapping, index="ivfflat", target_recall=0.9, recall_sample=300, seed=5)
     assert a == b and a["text_to_image_index_nprobe"] >= 1
     assert np.isfinite(a["text_to_image_index_recall@10"])
+
+
+def test_cli_target_recall_reports_setting(tmp_path, capsys):
+    import open_clip
+    from test_retrieval_cli import TINY_CFG, run_cli, write_dataset
+
+    model_dir = tmp_path / "tiny_clip"
+    model_dir.mkdir()
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(embed_dim=32, vision_cfg=open_clip.model.CLIPVisionCfg(**TINY_CFG["vision_cfg"]),
+                                 text_cfg=open_clip.model.CLIPTextCfg(**TINY_CFG["text_cfg"]))
+    (model_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CFG, "preprocess_cfg": {}}))
+    torch.save(model.state_dict(), model_dir / "open_clip_pytorch_model.bin")
+    data = write_dataset(tmp_path / "d")
+    out = tmp_path / "r.json"
+    assert run_cli("--model", str(model_dir), "--data", str(data), "--no-cache", "--index", "hnsw",
+                   "--target-recall", "0.95", "--out", str(out), "--ks", "1", "3") == 0
+    m = json.loads(out.read_text())["metrics"]
+    for d in ("image_to_text", "text_to_image"):
+        # a handful of vectors: the first efSearch already finds the exact top-3
+        assert m[f"{d}_index_ef_search"] == 16 and m[f"{d}_index_target_met"] == 1.0
+        assert m[f"{d}_index_recall@3"] == 1.0 and m[f"{d}_index_target_recall"] == 0.95
+    printed = capsys.readouterr().out
+    assert "image → text: target recall 0.95 of the exact top-k met: ef_search 16" in printed
+    assert "index ef_search" in out.with_suffix(".md").read_text()
+    assert run_cli("--model", str(model_dir), "--data", str(data), "--no-cache", "--index", "hnsw",
+                   "--target-recall", "2") == 2
+    assert "--target-recall" in capsys.readouterr().err
