@@ -70,7 +70,9 @@ def seeded_rngs(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         random.seed(seed)
         np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
+        # the CPU generator only: torch.manual_seed would also (lazily) seed every CUDA/XPU/MTIA generator, which
+        # fork_rng(devices=[]) does not restore, and records a stack trace for each call (half a sample's cost)
+        torch.default_generator.manual_seed(seed)
         try:
             yield
         finally:
