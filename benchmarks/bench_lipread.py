@@ -9,7 +9,12 @@ the same lip reader is trained for the same steps with the same optimiser and da
 - (b′) `libs_kl`: (b) + frame-wise KL to the teacher's CTC posteriors;
 - (c) `sup20`: supervised on a 20% labelled subset only (per seed, 20% of each training speaker);
 - (d) `distill20`: all training videos, the same 20% with transcripts, plus CTC distillation (`ctc_kd`: the
-  teacher's greedy transcript as CTC target + frame-wise KL to its posteriors) and LIBS on every video.
+  teacher's greedy transcript as CTC target + frame-wise KL to its posteriors) and LIBS on every video;
+- (e) `pseudo20`: (d) where the other 80% carry the teacher's confident transcripts as labels
+  (`xmodal.data.pseudo.pseudo_label_manifest` with a `ConfidenceFilter`): supervised terms on the 20% true and
+  the accepted pseudo-labels, the distillation of (d) on every video. The confidence threshold is chosen on the
+  validation speaker (the lowest whose accepted transcripts keep CER ≤ `--pseudo-max-cer`) unless given; the
+  report gives the acceptance rate and the CER of the accepted pseudo-labels against the true transcripts.
 
 The teacher learns from its own synthetic corpus (other speakers, other sentences) by default, so no
 transcript of the lip-reading corpus reaches a student through it. Loss weights are chosen on the validation
@@ -17,7 +22,8 @@ speaker with `--tune-libs` / `--tune-kl` / `--tune-kd` (`--tune-seeds` seeds, av
 in <out>/tune.json and shown in the report. The defaults are the settings chosen that way.
 
 Scores: CER/WER of greedy CTC decoding on the test speakers (teacher: from audio; students: from video only),
-mean ± std over seeds, and the distillation gains (a) − (b), (a) − (b′) and (c) − (d), paired by seed.
+mean ± std over seeds, and the distillation gains (a) − (b), (a) − (b′), (c) − (d), (c) − (e) and (a) − (e),
+paired by seed.
 
     python benchmarks/bench_lipread.py --workers 2   # full protocol, two runs side by side; writes BENCHMARKS.md
     python benchmarks/bench_lipread.py --quick       # a smoke run of a minute or two, no report
@@ -43,10 +49,12 @@ VARIANTS = {
     "libs_kl": "(b′) supervised + LIBS + frame-wise KL, 100% transcripts",
     "sup20": "(c) supervised, 20% transcripts",
     "distill20": "(d) 20% transcripts + distillation on all videos",
+    "pseudo20": "(e) 20% transcripts + teacher pseudo-labels + distillation on all videos",
 }
 LABELLED_ONLY = {"sup20"}  # trained on the labelled subset alone
-PARTIAL_LABELS = {"distill20"}  # trained on every video, transcripts on the subset only
-DISTILLED = {"libs", "libs_kl", "distill20"}
+PARTIAL_LABELS = {"distill20", "pseudo20"}  # trained on every video, transcripts on the subset only
+PSEUDO_LABELLED = {"pseudo20"}  # the subset's transcripts + the teacher's accepted transcripts of the others
+DISTILLED = {"libs", "libs_kl", "distill20", "pseudo20"}
 
 
 # ---------------------------------------------------------------- sizes
@@ -147,6 +155,57 @@ def label_subsets(train_manifest: Path, fraction: float, seed: int, out: Path) -
     atomic_write_text(lab_path, "".join(json.dumps(r) + "\n" for r in labelled))
     atomic_write_text(part_path, "".join(json.dumps(r) + "\n" for r in partial))
     return lab_path, part_path, len(labelled), len(rows)
+
+
+# ---------------------------------------------------------------- pseudo-labels
+
+
+def recording(transcribe):
+    """`transcribe` that also keeps every transcript it returns, in call order (the manifest's order)."""
+    seen: list = []
+
+    def wrapped(x, mask):
+        out = transcribe(x, mask)
+        seen.extend(out)
+        return out
+
+    return wrapped, seen
+
+
+def label_errors(refs: list[str], hyps: list[str]) -> list[tuple[int, int]]:
+    """(character edits, reference characters) per utterance, for CERs pooled over any subset."""
+    from xmodal.tasks.lipread.metrics import edit_distance
+
+    return [(edit_distance(list(r), list(h)), len(r)) for r, h in zip(refs, hyps)]
+
+
+def pooled_cer(errors: list[tuple[int, int]]) -> float | None:
+    chars = sum(n for _, n in errors)
+    return sum(e for e, _ in errors) / chars if chars else None
+
+
+def confidence_auroc(confidences: list[float], errors: list[tuple[int, int]]) -> float | None:
+    """How well the confidence separates exact transcripts from wrong ones: the probability that an exact one
+    scores higher than a wrong one (ties count half); None without both kinds."""
+    right = [c for c, (e, _) in zip(confidences, errors) if e == 0]
+    wrong = [c for c, (e, _) in zip(confidences, errors) if e > 0]
+    if not right or not wrong:
+        return None
+    wins = sum((r > w) + 0.5 * (r == w) for r in right for w in wrong)
+    return wins / (len(right) * len(wrong))
+
+
+def choose_threshold(confidences: list[float], errors: list[tuple[int, int]], max_cer: float) -> float:
+    """The lowest confidence threshold whose accepted transcripts (confidence ≥ threshold) have a pooled CER of at
+    most `max_cer`: the most labels at that quality (the highest confidence when none qualifies)."""
+    if not confidences:
+        raise ValueError("no transcripts to choose a threshold on")
+    best = max(confidences)
+    for t in sorted(set(confidences), reverse=True):
+        cer = pooled_cer([e for c, e in zip(confidences, errors) if c >= t])
+        if cer is not None and cer <= max_cer:
+            best = t
+    return best
 
 
 # ---------------------------------------------------------------- reporting helpers
@@ -251,7 +310,15 @@ def main() -> None:
                     help="weight of the frame-wise KL to the teacher's CTC posteriors (ctc_kd without its CTC term) "
                          "in (b′)")
     ap.add_argument("--kd-weight", type=float, default=1.0, help="weight of ctc_kd in (d)")
-    ap.add_argument("--partial-libs-weight", type=float, default=0.1, help="weight of libs in (d)")
+    ap.add_argument("--partial-libs-weight", type=float, default=0.1, help="weight of libs in (d) and (e)")
+    ap.add_argument("--pseudo-min-avg-logprob", type=float, default=None,
+                    help="confidence threshold of the pseudo-labels of (e) (the teacher's mean log-probability over "
+                         "its emitting CTC frames); default: chosen on the validation speaker with --pseudo-max-cer")
+    ap.add_argument("--pseudo-max-cer", type=float, default=0.02,
+                    help="the threshold of (e) is the lowest at which the validation speaker's accepted teacher "
+                         "transcripts have at most this CER (default 0.02)")
+    ap.add_argument("--pseudo-max-compression-ratio", type=float, default=2.4,
+                    help="pseudo-labels more repetitive than this zlib ratio are dropped (Whisper's 2.4)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     ap.add_argument("--tune-libs", type=_floats, default=[], metavar="W1,W2",
                     help="instead of the protocol: train (b) with each LIBS weight, seed 0, and score the "
@@ -365,6 +432,68 @@ def main() -> None:
         """The seed's labelled / partial manifests, written once and shared by every run of that seed."""
         return label_subsets(paths.train, args.label_fraction, seed, subsets)
 
+    pseudo_teacher = None
+    pseudo_threshold = {"value": args.pseudo_min_avg_logprob, "chosen": None}
+
+    def pseudo_labels(manifest: Path, out_file: Path, threshold: float, relabel: bool = False) -> tuple[dict, list]:
+        """`pseudo_label_manifest` with the frozen teacher (loaded as `xmodal data pseudo-label --kind speech`
+        does); the record and every transcript the teacher gave, in manifest order."""
+        nonlocal pseudo_teacher
+        from xmodal.data.pseudo import ConfidenceFilter, pseudo_label_manifest
+        from xmodal.models import create_teacher
+
+        if pseudo_teacher is None:
+            pseudo_teacher = create_teacher({"kind": "speech", "path": str(teacher_file)}, family="speech",
+                                            vocab=vocab, device=str(device))
+        transcribe, seen = recording(pseudo_teacher.transcribe)
+        for stale in (out_file, out_file.with_name(out_file.name + ".json")):
+            stale.unlink(missing_ok=True)  # transcripts are only seen when computed
+        filt = ConfidenceFilter(threshold, args.pseudo_max_compression_ratio)
+        record = pseudo_label_manifest(manifest, out_file, transcribe, audio=pseudo_teacher.audio_config,
+                                       teacher=teacher_id, filt=filt, vocab=vocab, batch_size=16, relabel=relabel)
+        return record, seen
+
+    def threshold() -> float:
+        """The pseudo-label threshold: given, or chosen on the validation speaker (its true transcripts)."""
+        if pseudo_threshold["value"] is None:
+            rows = [json.loads(x) for x in paths.val.read_text().splitlines() if x.strip()]
+            _, seen = pseudo_labels(paths.val, subsets / "val_teacher.jsonl", -1e9, relabel=True)
+            errors = label_errors([vocab.normalize(r["transcript"]) for r in rows],
+                                  [vocab.normalize(t.text) for t in seen])
+            conf = [t.avg_logprob for t in seen]
+            t = choose_threshold(conf, errors, args.pseudo_max_cer)
+            kept = [e for c, e in zip(conf, errors) if c >= t]
+            pseudo_threshold.update(value=t, chosen={
+                "threshold": t, "max_cer": args.pseudo_max_cer, "utterances": len(conf),
+                "accepted": len(kept), "accepted_cer": pooled_cer(kept), "all_cer": pooled_cer(errors),
+                "met": (pooled_cer(kept) or 0.0) <= args.pseudo_max_cer,
+                "auroc": confidence_auroc(conf, errors)})
+        return pseudo_threshold["value"]
+
+    @functools.cache
+    def seed_pseudo(seed: int) -> dict:
+        """(e)'s training manifest for a seed: the partial manifest with the teacher's accepted transcripts of
+        the unlabelled videos, and how good those are against the true transcripts."""
+        _, part, _, _ = seed_subsets(seed)
+        truth = {r["id"]: r["transcript"] for r in map(json.loads, paths.train.read_text().splitlines())}
+        asked = [r["id"] for r in map(json.loads, part.read_text().splitlines()) if not r.get("transcript")]
+        out_file = subsets / f"seed{seed}_pseudo.jsonl"
+        record, seen = pseudo_labels(part, out_file, threshold())
+        if len(seen) != len(asked):
+            raise RuntimeError(f"{len(seen)} teacher transcripts for {len(asked)} unlabelled videos")
+        labels = {r["id"]: r for r in map(json.loads, out_file.read_text().splitlines())}
+        accepted = [i for i in asked if labels[i].get("transcript")]
+        errors = dict(zip(asked, label_errors([vocab.normalize(truth[i]) for i in asked],
+                                               [vocab.normalize(t.text) for t in seen])))
+        stats = {"manifest": str(out_file), "threshold": threshold(), "asked": len(asked),
+                 "accepted": len(accepted), "acceptance_rate": record["acceptance_rate"],
+                 "counts": record["counts"], "accepted_cer": pooled_cer([errors[i] for i in accepted]),
+                 "rejected_cer": pooled_cer([errors[i] for i in asked if i not in set(accepted)]),
+                 "all_cer": pooled_cer(list(errors.values()))}
+        print(f"seed {seed} pseudo-labels: {record['summary']}; CER accepted {stats['accepted_cer']}, rejected "
+              f"{stats['rejected_cer']}, all {stats['all_cer']}", flush=True)
+        return stats
+
     def student_config(variant: str, seed: int, libs_weight: float, kd_weight: float, kl_weight: float, *,
                        tag: str = "", val: bool = False) -> dict:
         """The job config of one lip reader from scratch in a fresh run folder (val scores when `val`)."""
@@ -372,7 +501,8 @@ def main() -> None:
         run_dir = out / "runs" / f"{variant}_seed{seed}{tag}"
         if run_dir.exists():
             shutil.rmtree(run_dir)  # every number comes from a fresh run
-        train_manifest = (str(lab) if variant in LABELLED_ONLY else str(part) if variant in PARTIAL_LABELS
+        train_manifest = (str(lab) if variant in LABELLED_ONLY else str(seed_pseudo(seed)["manifest"])
+                          if variant in PSEUDO_LABELLED else str(part) if variant in PARTIAL_LABELS
                           else "train.jsonl")
         losses = variant_losses(variant, libs_weight, kd_weight, args.libs_levels, args.libs_aligner,
                                 args.libs_distance, kl_weight, args.libs_context_aligner)
@@ -436,6 +566,8 @@ def main() -> None:
     t_students = time.perf_counter()
     plan = [(seed, variant) for seed in range(args.seeds) for variant in variants]
     _, _, n_labelled, n_train = seed_subsets(0)
+    pseudo = {seed: seed_pseudo(seed) for seed in range(args.seeds)} if any(
+        v in PSEUDO_LABELLED for v in variants) else {}
     configs = [student_config(variant, seed, args.partial_libs_weight if variant in PARTIAL_LABELS
                               else args.libs_weight, args.kd_weight, args.full_kl_weight) for seed, variant in plan]
 
@@ -454,7 +586,8 @@ def main() -> None:
     elapsed = time.perf_counter() - t_start
     atomic_results = {"teacher": {k: {m: v[m] for m in ("cer", "wer", "num_utterances")}
                                   for k, v in teacher_scores.items()},
-                      "students": rows, "args": vars(args), "corpus": corpus_cfg, "elapsed_s": elapsed}
+                      "students": rows, "args": vars(args), "corpus": corpus_cfg, "elapsed_s": elapsed,
+                      "pseudo_labels": {"threshold": pseudo_threshold, "seeds": pseudo}}
     from xmodal.io import atomic_write_json
 
     atomic_write_json(out / "results.json", atomic_results)
@@ -471,6 +604,44 @@ def main() -> None:
                             f"{teacher_corpus['utterances']} other sentences; no lip-reading speaker or transcript)")
     else:
         teacher_data_txt = "the lip-reading training speakers' audio with all their transcripts"
+
+    def pseudo_text() -> str:
+        if not pseudo:
+            return ""
+        t = pseudo_threshold["value"]
+        chosen = pseudo_threshold["chosen"]
+        how = (f"the lowest at which the validation speaker's accepted teacher transcripts keep CER ≤ "
+               f"{args.pseudo_max_cer:g}" if chosen else "given")
+        if chosen and not chosen["met"]:
+            how += " (none does: its most confident transcript's)"
+        return (f"(e) trains as (d) on the same videos, but the {n_train - n_labelled} videos without a transcript "
+                f"get the teacher's greedy transcript from their audio as their label when it is confident "
+                f"(`xmodal.data.pseudo.pseudo_label_manifest`: mean log-probability of the best CTC path over its "
+                f"emitting frames ≥ {t:.3f}, {how}; zlib compression ratio ≤ "
+                f"{args.pseudo_max_compression_ratio:g}), with (d)'s distillation terms and weights. ")
+
+    def pseudo_details() -> str:
+        per = [pseudo[s] for s in sorted(pseudo)]
+        acc = [100 * p["acceptance_rate"] for p in per]
+        cer_acc = [p["accepted_cer"] for p in per if p["accepted_cer"] is not None]
+        cer_rej = [p["rejected_cer"] for p in per if p["rejected_cer"] is not None]
+        cer_all = [p["all_cer"] for p in per]
+        text = (f"- (e) pseudo-labels on the training videos without a transcript: accepted "
+                f"{'/'.join(str(p['accepted']) for p in per)} of {per[0]['asked']} per seed "
+                f"({mean_std(acc)}%); CER of the accepted pseudo-labels against the true transcripts "
+                f"{mean_std(cer_acc) if cer_acc else 'n/a'}, of the rejected ones "
+                f"{mean_std(cer_rej) if cer_rej else 'n/a (none rejected)'}, of all the teacher's transcripts "
+                f"{mean_std(cer_all)}")
+        chosen = pseudo_threshold["chosen"]
+        if chosen:
+            auroc = chosen["auroc"]
+            text += (f". On the validation speaker ({chosen['utterances']} utterances, teacher CER "
+                     f"{chosen['all_cer']:.3f}) the threshold {chosen['threshold']:.3f} accepts "
+                     f"{chosen['accepted']} with CER {chosen['accepted_cer']:.3f}; the confidence ranks an exact "
+                     f"transcript above a wrong one with probability "
+                     f"{'n/a (all exact or all wrong)' if auroc is None else f'{auroc:.2f}'} (AUROC)")
+        return text
+
     d_terms = [f"`ctc_kd` × {args.kd_weight:g}"] if args.kd_weight else []
     d_terms += [f"`libs` × {args.partial_libs_weight:g}"] if args.partial_libs_weight else []
     lines = [
@@ -492,7 +663,7 @@ def main() -> None:
         "",
         f"Every student: {args.steps} AdamW steps of batch {args.batch_size}, lr {args.lr:g} (warmup + cosine), "
         f"fp32, `torch.set_num_threads(1)`; the seed sets initialisation, data order and the labelled subset; "
-        f"nothing else differs between (a)–(d). Supervised terms: 0.3·`ctc` + 0.7·`attention_ce`. "
+        f"nothing else differs between (a)–(e). Supervised terms: 0.3·`ctc` + 0.7·`attention_ce`. "
         f"(b) adds `libs` × {args.libs_weight:g} ({libs_txt}, {args.libs_aligner} frame aligner, "
         f"{args.libs_context_aligner} context aligner, "
         f"{args.libs_distance} distance, soft teacher filtering exp(−2·CER))"
@@ -501,6 +672,7 @@ def main() -> None:
         f"({args.label_fraction:.0%} of each speaker); (c) trains on those alone, (d) on all {n_train} videos "
         f"with {' and '.join(d_terms) or 'no distillation term'} (`ctc_kd`: the teacher's greedy transcript as "
         f"CTC target + frame-wise KL to its posteriors); `ctc` / `attention_ce` skip the unlabelled ones. "
+        f"{pseudo_text()}"
         f"Scores: greedy CTC decoding (best path), {args.seeds} seeds, mean ± std.",
         "",
         "| model (held-out test speakers) | input | CER | WER |",
@@ -533,12 +705,20 @@ def main() -> None:
 
     for base, dist, label in (("sup", "libs", "(a) − (b), LIBS with all transcripts"),
                               ("sup", "libs_kl", "(a) − (b′), LIBS + frame-wise KL with all transcripts"),
-                              ("sup20", "distill20", "(c) − (d), distillation with 20% transcripts")):
+                              ("sup20", "distill20", "(c) − (d), distillation with 20% transcripts"),
+                              ("sup20", "pseudo20", "(c) − (e), pseudo-labels + distillation with 20% transcripts"),
+                              ("distill20", "pseudo20", "(d) − (e), what the pseudo-labels add to distillation"),
+                              ("sup", "pseudo20", "(a) − (e), 20% transcripts + pseudo-labels against all "
+                                                  "transcripts")):
         if base in rows and dist in rows:
             gain = statistics.mean(col(base, "cer")) - statistics.mean(col(dist, "cer"))
             verdict = "" if gain > 0 else " — **distillation did not lower the student's CER here**"
+            if dist == "pseudo20" and base != "sup20" and gain <= 0:
+                verdict = f" — (e) does not beat {VARIANTS[base][:3]}"
             lines.append(f"- gain {label}: CER {gain_text(col(base, 'cer'), col(dist, 'cer'))}; "
                          f"WER {gain_text(col(base, 'wer'), col(dist, 'wer'))}{verdict}")
+    if pseudo:
+        lines.append(pseudo_details())
     if tuning:
         order = list(VARIANTS)
         tuning = sorted(tuning, key=lambda r: order.index(r["variant"]) if r["variant"] in order else len(order))

@@ -166,10 +166,58 @@ def test_pseudo_label_manifest_feeds_waveform_or_features(corpus, tmp_path):
                               teacher="probe")
 
 
-def test_bench_pseudo_label_variant_trains_like_distill20():
+@pytest.fixture
+def bench():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    bench = pytest.importorskip("bench_lipread")
+    return pytest.importorskip("bench_lipread")
+
+
+def test_bench_pseudo_label_variant_trains_like_distill20(bench):
     kw = dict(levels=(1.0, 0.0, 0.0), aligner="time", distance="cosine", full_kl_weight=1.0,
               context_aligner="attention")
     assert bench.variant_losses("pseudo20", 0.1, 1.0, **kw) == bench.variant_losses("distill20", 0.1, 1.0, **kw)
-    assert "pseudo20" in bench.VARIANTS and "pseudo20" in bench.PARTIAL_LABELS
+    assert "pseudo20" in bench.PARTIAL_LABELS and "pseudo20" in bench.DISTILLED
+
+
+def test_bench_threshold_keeps_the_most_labels_at_the_wanted_quality(bench):
+    errors = bench.label_errors(["bin blue", "set red", "lay green", "place"], ["bin blue", "set rad", "lay grn",
+                                                                                 "place"])
+    assert errors == [(0, 8), (1, 7), (2, 9), (0, 5)]
+    conf = [-0.01, -0.2, -0.5, -0.05]
+    assert bench.pooled_cer(errors) == pytest.approx(3 / 29)
+    assert bench.choose_threshold(conf, errors, 0.0) == -0.05  # the two exact ones
+    assert bench.choose_threshold(conf, errors, 0.05) == -0.2  # + "set rad": 1 / 20
+    assert bench.choose_threshold(conf, errors, 0.2) == -0.5  # all
+    assert bench.choose_threshold([-0.3, -0.1], [(1, 4), (2, 4)], 0.0) == -0.1  # none qualifies: the surest
+    assert bench.confidence_auroc(conf, errors) == 1.0
+    assert bench.confidence_auroc([-0.3, -0.1, -0.2], [(0, 4), (1, 4), (0, 4)]) == 0.0
+    assert bench.confidence_auroc([-0.3], [(0, 4)]) is None
+    record, seen = bench.recording(lambda x, mask: [f"t{i}" for i in range(len(x))])
+    record(torch.zeros(2, 3), None), record(torch.zeros(1, 3), None)
+    assert seen == ["t0", "t1", "t0"]
+
+
+def test_wav2vec2_with_labels_transcribes_into_the_vocabulary(tmp_path):
+    from test_speech_models import W2V_CFG, tiny_wav2vec2
+
+    from xmodal.teachers.speech import save_wav2vec2
+
+    model = tiny_wav2vec2()
+    with torch.no_grad():
+        model.aux.weight.mul_(20.0)
+    save_wav2vec2(model, tmp_path / "w2v.pt", W2V_CFG, labels=["-", "|", "E", "T", "A", "'"])
+    vocab = CharVocab()
+    spec = {"kind": "wav2vec2", "path": str(tmp_path / "w2v.pt")}
+    enc = create_teacher(spec, family="speech", vocab=vocab)
+    torch.manual_seed(0)
+    wave = torch.randn(2, 4000)
+    mask = torch.ones_like(wave, dtype=torch.bool)
+    mask[1, 2500:] = False
+    got = enc.transcribe(wave, mask)
+    out = enc(wave, mask)
+    assert [t.text for t in got] == [vocab.decode(ids) for ids in ctc_greedy(out.ctc_logits, out.mask)]
+    assert any(t.text for t in got) and set("".join(t.text for t in got)) <= set("et a'")
+    tokens, conf = ctc_confidence(out.ctc_logits, out.mask)
+    assert [t.avg_logprob for t in got] == pytest.approx(conf.tolist())
+    with pytest.raises(ConfigError, match="needs a CTC head and teacher.params.labels"):
+        create_teacher(spec, family="speech").transcribe(wave, mask)  # no vocabulary to map into
