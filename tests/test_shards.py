@@ -121,6 +121,15 @@ def test_writing_refuses_existing_shards_and_an_interrupted_write_leaves_no_part
     assert s.pattern.endswith("shard-{000000..000001}.tar") and s.samples == N_IMAGES
 
 
+def test_tar_keys_are_tar_safe_and_unique():
+    from xmodal.data.shards import tar_keys
+
+    keys = tar_keys(["img/a.png", "img_a.png", "b c.jpg", "../up/d.png"])
+    assert keys[2:] == ["b_c_jpg", "up_d_png"]
+    assert keys[0] != keys[1] and all(k.startswith("img_a_png-") for k in keys[:2])
+    assert keys == tar_keys(["img/a.png", "img_a.png", "b c.jpg", "../up/d.png"])
+
+
 # ---------------------------------------------------------------- splitting, epochs, resume
 
 
@@ -275,6 +284,7 @@ teacher:
     embed_dim: 16
     vision_cfg: {{image_size: 32, patch_size: 16, layers: 1, width: 32, head_width: 16}}
     text_cfg: {{context_length: 16, vocab_size: 49408, width: 32, heads: 2, layers: 1}}
+  cache_views: {{count: 2}}  # views drawn online and shared by teacher and student, through the stream
 student: {{shrink: {{vision: {{width: 0.5}}, text: {{width: 0.5}}}}}}
 losses: [{{name: affinity}}]
 train: {{steps: 5, batch_size: 8, warmup_steps: 1, log_every: 1}}

@@ -21,6 +21,7 @@ from torch import nn
 
 from xmodal.config import LossSpec, TrainConfig, register_job, to_dict
 from xmodal.data.image_text import read_records
+from xmodal.data.shards import ShardDataset, ShardLoader
 from xmodal.device import seed_everything
 from xmodal.engine.cache import CacheSource, register_cache_source
 from xmodal.engine.checkpoint import RESUME_AUTO
@@ -134,14 +135,25 @@ class StreamViews:
         return self.paired[0]
 
 
+class ClipShardLoader(ShardLoader):
+    """A ShardLoader whose items pass through PairedViews (`StreamViews`), so per-item settings made on the
+    training data (`share_views`) apply to the stream as to the CSV data set."""
+
+    def __init__(self, dataset: ShardDataset, views: StreamViews, *, pin_memory: bool = False):
+        super().__init__(dataset, pin_memory=pin_memory)
+        self.paired = views.paired
+
+    def share_views(self, *args: Any, **kwargs: Any) -> ClipShardLoader:
+        self.paired.share_views(*args, **kwargs)
+        return self
+
+
 def training_data(paths: DataPaths, views: list[View], cfg: DataConfig, train: TrainConfig, *,
                   rank: int = 0, world_size: int = 1, pin_memory: bool = False):
     """The training pairs for the engine: map-style over `data.train`, or this rank's shard stream over
     `data.shards` (`train.num_workers` loader workers; see xmodal/data/shards.py)."""
     if paths.shards is None:
         return paired_dataset(paths.train, views, cfg, seed=train.seed)
-    from xmodal.data.shards import ShardDataset, ShardLoader
-
     if train.batch_size % world_size:
         raise ConfigError(f"train.batch_size {train.batch_size} must be divisible by the number of processes "
                           f"{world_size}")
@@ -151,10 +163,7 @@ def training_data(paths: DataPaths, views: list[View], cfg: DataConfig, train: T
                           image_keys=cfg.shard_image_keys, caption_key=cfg.shard_caption_key,
                           shuffle_buffer=cfg.shard_shuffle, on_error=cfg.on_error, item_fn=item_fn,
                           collate_fn=collate_skipping)
-    loader = ShardLoader(shards, pin_memory=pin_memory)
-    loader.paired = item_fn.paired  # what per-item settings (e.g. shared views) apply to
-    loader.share_views = lambda *args, **kw: (item_fn.paired.share_views(*args, **kw), loader)[1]
-    return loader
+    return ClipShardLoader(shards, item_fn, pin_memory=pin_memory)
 
 
 # ---------------------------------------------------------------- models
