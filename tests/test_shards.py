@@ -195,6 +195,51 @@ def test_resume_skips_samples_before_decoding_them(shards, monkeypatch):
     assert len(decoded) == 3  # one batch decoded, not the six before it
 
 
+def tokenize(texts: list[str]) -> torch.Tensor:
+    return torch.tensor([list(t.encode()[:32].ljust(32, b"\0")) for t in texts], dtype=torch.float32)
+
+
+class Recorder(torch.nn.Module):
+    """A tiny two-tower student that keeps the ids and images it was fed."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.image, self.text = torch.nn.Linear(3 * 8 * 8, 8), torch.nn.Linear(32, 8)
+        self.seen: list[tuple[list[str], torch.Tensor]] = []
+
+    def forward(self, batch):
+        from xmodal.features import Features
+
+        self.seen.append((list(batch["ids"]), batch["image"].clone()))
+        return {"image": Features(self.image(batch["image"].flatten(1))),
+                "text": Features(self.text(batch["text"] / 255.0))}
+
+
+def test_a_training_run_resumed_from_its_checkpoint_sees_the_same_batches(shards, tmp_path):
+    from xmodal.config import TrainConfig
+    from xmodal.data.shards import TransformItem
+    from xmodal.engine import Distiller
+    from xmodal.losses import build_losses
+
+    def fit(run_dir, until=None, resume=False):
+        cfg = TrainConfig(steps=11, batch_size=3, lr=1e-2, warmup_steps=1, log_every=1, device="cpu", seed=2,
+                          num_workers=2, precision="fp32")
+        data = ShardLoader(ShardDataset(shards, 3, num_workers=2, seed=2, caption_sampling="random",
+                                        item_fn=TransformItem(noisy, tokenize)))
+        student = Recorder()
+        Distiller(student, build_losses([{"name": "clip"}]), data, cfg, run_dir, progress=False,
+                  resume="latest" if resume else None).fit(until=until)
+        return student.seen
+
+    full = fit(tmp_path / "full")
+    first = fit(tmp_path / "cut", until=5)  # stops inside epoch 0 (8 batches per epoch)
+    rest = fit(tmp_path / "cut", resume=True)
+    assert (len(full), len(first), len(rest)) == (11, 5, 6)
+    for a, b in zip(full, first + rest):
+        assert a[0] == b[0] and torch.equal(a[1], b[1])
+
+
 def _noisy_item():
     from xmodal.data.shards import TransformItem
 
