@@ -343,3 +343,15 @@ def test_resume_with_nothing_to_resume_is_an_error(tmp_path, toy_job, capsys):
     assert f"nothing to resume in {tmp_path / 'new'}" in err and "leave out --resume" in err
     assert not CheckpointManager(tmp_path / "new" / "checkpoints").steps()
     assert main(["distill", config]) == 0  # what the message says to do
+
+
+def test_locked_error_survives_pickling_with_its_holder():
+    """A refusal raised in a worker process (a process pool, a spawned rank) reaches the parent as itself,
+    not as a TypeError from re-creating the exception without its holder."""
+    import pickle
+
+    from xmodal.lock import LockedError
+
+    err = pickle.loads(pickle.dumps(LockedError("run folder /x is in use by process 12@host", "12@host")))
+    assert isinstance(err, LockedError) and err.holder == "12@host"
+    assert str(err) == "run folder /x is in use by process 12@host"

@@ -29,9 +29,12 @@ except ImportError:  # pragma: no cover - Windows
 class LockedError(XmodalError, RuntimeError):
     """Another live process holds the folder's lock."""
 
-    def __init__(self, message: str, holder: str | None):
+    def __init__(self, message: str, holder: str | None = None):
         super().__init__(message)
         self.holder = holder
+
+    def __reduce__(self):  # crosses process boundaries (worker pools, spawned ranks) with its holder intact
+        return type(self), (str(self), self.holder)
 
 
 class FolderLock:
