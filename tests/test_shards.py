@@ -91,6 +91,9 @@ def test_shards_round_trip_keys_captions_and_image_bytes(shards, capsys):
     assert (index["samples"], index["captions"]) == (N_IMAGES, 2 * N_IMAGES)
     assert [e["samples"] for e in index["shards"]] == [6, 6, 6, 6]
     assert not list(folder.glob(".*"))  # no temporary files left
+    with pytest.raises(SystemExit) as e:
+        main(["data", "shards", "--help"])
+    assert e.value.code == 0 and "shard-%06d.tar" in capsys.readouterr().out
 
 
 def test_writing_refuses_existing_shards_and_an_interrupted_write_leaves_no_partial_shard(tmp_path, monkeypatch):

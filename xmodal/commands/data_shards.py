@@ -14,7 +14,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                                   "to its folder")
     p.add_argument("--out", required=True, help="folder for the shards and their shards.json index")
     p.add_argument("--pattern", default=DEFAULT_PATTERN,
-                   help=f"shard file name with one %%d for the shard number (default {DEFAULT_PATTERN!r})")
+                   help="shard file name with one %%d for the shard number (default "
+                        f"{DEFAULT_PATTERN.replace('%', '%%')!r})")
     p.add_argument("--max-count", type=int, default=10000, help="images per shard (default 10000)")
     p.add_argument("--max-size", type=float, default=3e9, help="bytes per shard before the next starts (default 3e9)")
     p.add_argument("--image-key", default=None, help="column/key holding the image path (default: the usual names)")
