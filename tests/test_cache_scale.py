@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from xmodal.engine import TeacherCache, build_cache
 from xmodal.engine.cache import cache_items
+from xmodal.errors import CheckpointError
 from xmodal.features import Features
 from xmodal.lock import FolderLock, LockedError
 
@@ -122,6 +123,10 @@ def _build_worker(rank: int, init_file: str, out: str, held: str, fail_rank: int
                 build(held)
             except LockedError as e:
                 Path(out).parent.joinpath(f"refused_rank{rank}.txt").write_text(str(e))
+            try:  # ranks that load different teachers (e.g. unseeded random weights) must not mix their shards
+                build_cache(Teacher(), Samples(), Path(out).parent / "mixed", f"{FP}-rank{rank}", progress=False)
+            except CheckpointError as e:
+                Path(out).parent.joinpath(f"mixed_rank{rank}.txt").write_text(str(e))
         log = str(Path(out).parent / f"computed_rank{rank}.txt")
         build(out, Teacher(log, fail_on if rank == fail_rank else None))
     finally:
@@ -138,6 +143,9 @@ def test_two_gloo_processes_build_the_one_process_cache(tmp_path):
     for r in range(WORLD):  # a second, independent build was refused on every rank, naming the holder
         assert f"process {os.getpid()}" in (tmp_path / f"refused_rank{r}.txt").read_text()
     assert sorted(p.name for p in held.iterdir()) == [".lock"]
+    for r in range(WORLD):
+        assert "different teachers or data (rank 1 vs rank 0" in (tmp_path / f"mixed_rank{r}.txt").read_text()
+    assert not [p.name for p in (tmp_path / "mixed").iterdir() if "shard" in p.name]
     one = build(tmp_path / "one")
     assert_same_cache(one, tmp_path / "two")
     # Each rank computed a disjoint share, together every readable sample once.
@@ -146,7 +154,8 @@ def test_two_gloo_processes_build_the_one_process_cache(tmp_path):
     assert sorted(computed[0] + computed[1]) == sorted(k for k, _ in cache_items(TeacherCache(one)))
     # One merged manifest, no rank records left; the shards are those of the one-process build.
     m1, m2 = (json.loads((p / "manifest.json").read_text()) for p in (one, tmp_path / "two"))
-    assert m2["complete"] and m2["build"] == {"processes": 2} and m2["plan"] == m1["plan"]
+    assert m2["complete"] and m2["plan"] == m1["plan"]
+    assert m2["build"]["processes"] == 2 and m1["build"]["processes"] == 1 and m2["build"]["seconds"] > 0
     assert [(e["name"], e["files"]) for e in m2["shards"]] == [(e["name"], e["files"]) for e in m1["shards"]]
     assert not list((tmp_path / "two").glob("manifest.rank*.json"))
     assert m2["storage"] == m1["storage"] and m2["storage"]["rows"] == N - 1

@@ -44,6 +44,7 @@ import math
 import os
 import pickle
 import shutil
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -524,8 +525,9 @@ def _prepare(root: Path, fingerprint: str, plan: dict[str, Any], meta, data, wor
     return manifest
 
 
-def _finish(root: Path, manifest: dict[str, Any], n: int) -> dict[str, Any]:
-    """Fold the ranks' records in, check the whole, mark the manifest complete with its storage report."""
+def _finish(root: Path, manifest: dict[str, Any], n: int, seconds: float) -> dict[str, Any]:
+    """Fold the ranks' records in, check the whole, mark the manifest complete with its storage report and the
+    build's wall time (of this session, when it resumed an earlier one)."""
     _merge_rank_records(root, manifest)
     missing = manifest["plan"]["num_shards"] - len(manifest["shards"])
     if missing:
@@ -537,6 +539,7 @@ def _finish(root: Path, manifest: dict[str, Any], n: int) -> dict[str, Any]:
     _check_unique_keys(root, manifest)
     manifest["skipped"] = sorted({sid for e in manifest["shards"] for sid in e.get("skipped", [])})
     manifest["storage"] = storage_report(manifest)
+    manifest["build"] = {**manifest.get("build", {}), "seconds": round(seconds, 3)}
     manifest["complete"] = True
     atomic_write_json(root / "manifest.json", manifest)
     for p in _rank_records(root):
@@ -571,6 +574,9 @@ def _build(teacher, dataset, root: Path, fingerprint: str, n: int, *, batch_size
             "num_shards": math.ceil(n / shard_size)}
     if views is not None:
         plan["views"] = views
+    started = time.perf_counter()
+    if world > 1:
+        _check_ranks_agree(fingerprint, plan, rank)
     manifest = _on_rank0(lambda: _prepare(root, fingerprint, plan, meta, data, world), rank, world)
     if manifest.get("complete"):
         return root
@@ -639,8 +645,25 @@ def _build(teacher, dataset, root: Path, fingerprint: str, n: int, *, batch_size
         from xmodal.engine.ddp import barrier
 
         barrier()  # every rank's shards are written and recorded
-    _on_rank0(lambda: _finish(root, manifest, n), rank, world)
+    _on_rank0(lambda: _finish(root, manifest, n, time.perf_counter() - started), rank, world)
     return root
+
+
+def _check_ranks_agree(fingerprint: str, plan: Mapping[str, Any], rank: int) -> None:
+    """Every rank must cache the same teacher over the same data with the same plan, or the shards would mix."""
+    from xmodal.engine.ddp import gather_objects
+
+    seen = gather_objects((fingerprint, dict(plan)))
+    for r, (fp, pl) in enumerate(seen):
+        if fp != seen[0][0]:
+            why = describe_difference(seen[0][0], fp) or f"{seen[0][0]} on rank 0, {fp} on rank {r}"
+            raise CheckpointError(
+                f"the processes of this cache build have different teachers or data (rank {r} vs rank 0: {why}); "
+                "every rank must load the same teacher weights (a randomly initialised teacher differs per process "
+                "unless seeded) and read the same data")
+        if pl != seen[0][1]:
+            raise CheckpointError(f"the processes of this cache build plan differently (rank {r}: {pl}; rank 0: "
+                                  f"{seen[0][1]}); give every rank the same data set and settings")
 
 
 def _view_params(batch: Mapping[str, Any], n: int, views: Mapping[str, Any] | None) -> np.ndarray | None:
