@@ -311,33 +311,43 @@ def test_too_few_shards_for_the_readers_is_a_config_error(shards):
 # ---------------------------------------------------------------- clip_distill
 
 
-def test_clip_distill_trains_from_shards_and_the_identity_covers_the_shard_files(tmp_path):
-    import os
-
-    from xmodal.config import JOBS, load_job_config
-    from xmodal.data.scenes import generate_scene_dataset
-    from xmodal.tasks.clip.job import resolve_data, train_data_identity
-
-    data = tmp_path / "data"
-    generate_scene_dataset(data, 32, 8, 8, seed=0, image_size=32, captions_per_image=2)
-    assert main(["data", "shards", str(data / "train.csv"), "--out", str(data / "shards"), "--max-count", "8",
-                 "--no-progress"]) == 0
-    cfg_path = tmp_path / "job.yaml"
-    cfg_path.write_text(f"""
+CLIP_JOB = """
 job: clip_distill
-run_dir: {tmp_path / 'run'}
+run_dir: {run}
 data: {{root: {data}, shards: "shards/shard-{{000000..000003}}.tar", shard_shuffle: 8, val: null, test: null}}
 teacher:
   model_cfg:
     embed_dim: 16
     vision_cfg: {{image_size: 32, patch_size: 16, layers: 1, width: 32, head_width: 16}}
     text_cfg: {{context_length: 16, vocab_size: 49408, width: 32, heads: 2, layers: 1}}
-  cache_views: {{count: 2}}  # views drawn online and shared by teacher and student, through the stream
+{teacher}
 student: {{shrink: {{vision: {{width: 0.5}}, text: {{width: 0.5}}}}}}
 losses: [{{name: affinity}}]
 train: {{steps: 5, batch_size: 8, warmup_steps: 1, log_every: 1}}
 eval: {{zeroshot: false}}
-""")
+"""
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    from xmodal.data.scenes import generate_scene_dataset
+
+    data = tmp_path_factory.mktemp("scenes")
+    generate_scene_dataset(data, 32, 8, 8, seed=0, image_size=32, captions_per_image=2)
+    assert main(["data", "shards", str(data / "train.csv"), "--out", str(data / "shards"), "--max-count", "8",
+                 "--no-progress"]) == 0
+    return data
+
+
+def test_clip_distill_trains_from_shards_and_the_identity_covers_the_shard_files(scenes, tmp_path):
+    import os
+
+    from xmodal.config import JOBS, load_job_config
+    from xmodal.tasks.clip.job import resolve_data, train_data_identity
+
+    cfg_path = tmp_path / "job.yaml"
+    # teacher.cache_views: views drawn online and shared by teacher and student, through the stream
+    cfg_path.write_text(CLIP_JOB.format(run=tmp_path / "run", data=scenes, teacher="  cache_views: {count: 2}"))
     name, cfg = load_job_config(cfg_path)
     results = JOBS.get(name).run(cfg)
     assert results["stage0"]["step"] == 5
@@ -345,7 +355,48 @@ eval: {{zeroshot: false}}
     assert [r["epoch"] for r in records if "loss" in r] == [0, 0, 0, 0, 1]  # 4 batches of 8 per epoch
     paths = resolve_data(cfg.data)
     before = train_data_identity(paths)
-    shard = Path(shard_paths(cfg.data.shards, data)[2])
-    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
-    after = train_data_identity(paths)
+    shard = Path(shard_paths(cfg.data.shards, scenes)[2])
+    stat = shard.stat()
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    try:
+        after = train_data_identity(paths)
+    finally:
+        os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert before.digest != after.digest and before.differences(after) == ["shards"]
+
+
+def test_teacher_cache_built_from_shards_serves_training_from_shards(scenes, tmp_path):
+    from xmodal.config import JOBS, load_job_config
+
+    cfg_path = tmp_path / "job.yaml"
+    # a teacher trained (from the shards) once, then reused by both commands: the same weights in both
+    cfg_path.write_text(CLIP_JOB.format(run=tmp_path / "run", data=scenes,
+                                        teacher="  train: {steps: 1, batch_size: 8, warmup_steps: 0}"))
+    cache = tmp_path / "cache"
+    first = ["data.caption_sampling=first"]
+    assert main(["cache", str(cfg_path), "--out", str(cache), "--no-progress", *sum([["--set", o] for o in first],
+                                                                                        [])]) == 0
+    from xmodal.engine import TeacherCache
+
+    stored = TeacherCache(cache)
+    keys = {s.key for s in read_samples(shard_paths(str(scenes / "shards/shard-{000000..000003}.tar")))}
+    assert len(stored) == 32 and all(k in stored for k in keys)  # every image, under the stream's keys
+    assert json.loads((cache / "manifest.json").read_text())["data"]["parts"].keys() == {"shards"}
+    name, cfg = load_job_config(cfg_path, [*first, f"teacher.cache={cache}", "train.steps=3"])
+    results = JOBS.get(name).run(cfg)
+    assert results["stage0"]["step"] == 3
+
+
+def test_shard_records_give_the_csv_data_sets_items_by_index(shards):
+    from xmodal.data.shards import ShardRecords
+
+    csv_path = Path(shards).parent.parent / "data.tsv"
+    for sampling in ("first", "all"):
+        records = ShardRecords(shard_paths(shards), caption_sampling=sampling, transform=to_tensor)
+        csv = ImageTextDataset(csv_path, transform=to_tensor, caption_sampling=sampling)
+        by_key = {csv.sample_key(i): csv[i] for i in range(len(csv))}
+        assert len(records) == len(csv) and {records.sample_key(i) for i in range(len(records))} == set(by_key)
+        for i in range(len(records)):
+            item = records[i]
+            ref = by_key[item["id"]]
+            assert item["text"] == ref["text"] and torch.equal(item["image"], ref["image"])

@@ -163,11 +163,6 @@ class ClipDistillConfig:
 
     def __post_init__(self) -> None:
         self.teacher.check("teacher")
-        if self.teacher.cache and self.data.shards is not None:
-            raise ConfigError(
-                "teacher.cache is built from data.train by sample; with data.shards the teacher runs online: drop "
-                "teacher.cache, or train from the CSV the shards were written from"
-            )
         if self.teacher.cache and self.data.caption_sampling == "random":
             raise ConfigError(
                 "teacher.cache: cached teacher outputs are stored per sample id, so each id must always show the "

@@ -21,7 +21,7 @@ from torch import nn
 
 from xmodal.config import LossSpec, TrainConfig, register_job, to_dict
 from xmodal.data.image_text import read_records
-from xmodal.data.shards import ShardDataset, ShardLoader
+from xmodal.data.shards import ShardDataset, ShardLoader, ShardRecords
 from xmodal.device import seed_everything
 from xmodal.engine.cache import CacheSource, register_cache_source
 from xmodal.engine.checkpoint import RESUME_AUTO
@@ -513,20 +513,23 @@ def cache_source(cfg: ClipDistillConfig) -> CacheSource:
     """`xmodal cache CONFIG`: the teacher's image and caption embeddings for every training sample."""
     device = init_distributed(cfg.train.device)
     paths = resolve_data(cfg.data)
-    if paths.shards is not None:
-        raise ConfigError("xmodal cache reads the training data by sample: build the cache from the CSV the shards "
-                          "were written from (data.train, the same sample keys), or train from data.shards "
-                          "without teacher.cache")
     teacher = obtain_teacher(cfg.teacher, paths, cfg.data, Path(cfg.run_dir), device)
     fn = ClipTeacher(teacher.model, extra=teacher.preprocess_cfg)
     view = View(teacher.eval_transform, teacher.tokenizer, render=ViewRenderer(teacher.preprocess_cfg))
-    dataset = paired_dataset(paths.train, [view], cfg.data)
+    if paths.shards is not None:  # the shards' samples by index: the stream's keys and captions
+        d = cfg.data
+        dataset = PairedViews(ShardRecords(paths.shards, caption_sampling=d.caption_sampling,
+                                           image_keys=d.shard_image_keys, caption_key=d.shard_caption_key,
+                                           on_error=d.on_error), [view])
+    else:
+        dataset = paired_dataset(paths.train, [view], cfg.data)
     recipe = view_recipe(cfg)
     if recipe is not None:  # K augmented views per image, each stored with its crop and flip
         dataset = RecordedViews(dataset.base, view, recipe)
     data = train_data_identity(paths)
     return CacheSource(fn, dataset, fingerprint(fn.fingerprint, data=data), collate_fn=collate_skipping,
-                       batch_size=cfg.train.batch_size, out_dir=cfg.teacher.cache, meta={"data": str(paths.train)},
+                       batch_size=cfg.train.batch_size, out_dir=cfg.teacher.cache,
+                       meta={"data": cfg.data.shards if paths.shards is not None else str(paths.train)},
                        data=data, views=None if recipe is None else recipe.to_dict())
 
 

@@ -357,6 +357,133 @@ def decode_image(sample: ShardSample):
         return im.convert("RGB")
 
 
+# ---------------------------------------------------------------- random access
+
+
+@dataclass
+class _Located:
+    """A sample's metadata (read at start) and where its image bytes are: (shard, byte offset, size)."""
+
+    key: str
+    captions: list[str]
+    shard: str
+    ext: str | None
+    offset: int
+    size: int
+    problem: str | None
+
+
+class ShardRecords:
+    """Map-style access to the samples of tar shards, like `ImageTextDataset` over a CSV: for `xmodal cache` and
+    anything else that addresses samples by index.
+
+    The shards' member headers, json and caption members are read once at start (image bytes are not); an item
+    reads its image by offset. Items are `{"id", "image": PIL RGB (after `transform`), "text"}` with the same keys,
+    caption choice (`first`, `random` per (seed, key, epoch), or `all`: one item per caption keyed
+    `<key>#<caption hash>`) and randomness as the stream and the CSV data set; an unreadable sample gives None
+    (`on_error="skip"`, logged, counted in `skipped`) or raises DataError.
+    """
+
+    def __init__(self, paths: Sequence[str], *, caption_sampling: str = "first", image_keys: Sequence[str] = IMAGE_KEYS,
+                 caption_key: str | None = None, on_error: str = "skip", seed: int = 0,
+                 transform: Callable | None = None, tokenizer: Callable | None = None):
+        from webdataset.tariterators import base_plus_ext
+
+        from xmodal.data.image_text import ImageTextRecord, caption_keys
+
+        if caption_sampling not in _CAPTION_SAMPLING:
+            raise ConfigError(f"caption_sampling must be one of {', '.join(_CAPTION_SAMPLING)}, got "
+                              f"{caption_sampling!r}")
+        self.paths = [str(p) for p in paths]
+        self.caption_sampling, self.on_error, self.seed = caption_sampling, on_error, int(seed)
+        self.transform, self.tokenizer = transform, tokenizer
+        self.epoch = 0
+        self.samples: list[_Located] = []
+        for path in self.paths:
+            try:
+                with tarfile.open(path, "r:") as tar:
+                    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+                    for m in tar:
+                        prefix, suffix = base_plus_ext(m.name)
+                        if m.isreg() and prefix is not None:
+                            groups.setdefault(prefix, {})[suffix.lower()] = m
+                    for prefix, members in groups.items():
+                        raw = {"__key__": prefix, "__url__": path}
+                        for name in ("json", "txt", *([caption_key] if caption_key and "." not in caption_key
+                                                      else [])):
+                            if name in members:
+                                raw[name] = tar.extractfile(members[name]).read()
+                        ext = next((k for k in image_keys if k in members), None)
+                        if ext is not None:
+                            raw[ext] = b""  # located, read on demand
+                        s = parse_sample(raw, image_keys, caption_key)
+                        m = members.get(ext) if ext else None
+                        self.samples.append(_Located(s.key, s.captions, path, ext, m.offset_data if m else 0,
+                                                     m.size if m else 0, s.problem))
+            except (tarfile.TarError, OSError, EOFError) as e:
+                raise DataError(f"{path}: unreadable tar shard ({e}); rewrite it with `xmodal data shards`") from e
+        self._items: list[tuple[int, int | None, str]] = []  # (sample, caption or None, key)
+        for i, s in enumerate(self.samples):
+            if caption_sampling == "all" and s.captions:
+                keys = caption_keys([ImageTextRecord(s.key, s.captions, ref=s.key, source=s.shard)])
+                self._items.extend((i, c, k) for c, k in enumerate(keys))
+            else:
+                self._items.append((i, None, s.key))
+        self._skipped: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def sample_key(self, index: int) -> str:
+        return self._items[index][2]
+
+    @property
+    def skipped(self) -> int:
+        """Distinct samples this process could not read so far."""
+        return len(self._skipped)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        from xmodal.data.image_text import _image_errors
+        from xmodal.engine.data import sample_seed, seeded_rngs
+
+        i, c, key = self._items[index]
+        s = self.samples[i]
+        problem, image = s.problem, None
+        if problem is None:
+            try:
+                with open(s.shard, "rb") as f:
+                    f.seek(s.offset)
+                    data = f.read(s.size)
+                image = decode_image(ShardSample(s.key, data, s.ext, s.captions, s.shard))
+            except _image_errors() as e:
+                problem = f"bad image bytes in {s.ext!r} ({type(e).__name__}: {e})"
+        if problem is not None:
+            msg = f"{s.shard}: sample {key!r}: {problem}"
+            if self.on_error == "raise":
+                raise DataError(f"{msg}; fix or rewrite the shard, or use on_error='skip' to leave it out")
+            if key not in self._skipped:
+                self._skipped.add(key)
+                log.warning("%s; skipping it", msg)
+            return None
+        seed = sample_seed(self.seed, key, self.epoch)
+        if c is None:
+            c = int(np.random.default_rng(seed).integers(len(s.captions))) if self.caption_sampling == "random" else 0
+        if self.transform is not None:
+            with seeded_rngs(seed):
+                image = self.transform(image)
+        text: Any = s.captions[c]
+        if self.tokenizer is not None:
+            text = self.tokenizer([text])[0]
+        return {"id": key, "image": image, "text": text, "index": int(index), "image_index": i}
+
+    def __repr__(self) -> str:
+        return (f"ShardRecords({len(self.paths)} shards, images={len(self.samples)}, items={len(self)}, "
+                f"caption_sampling={self.caption_sampling!r})")
+
+
 # ---------------------------------------------------------------- counts
 
 
