@@ -32,6 +32,9 @@ local batch in which every sample was unreadable reads further samples until one
 after such a batch shifts that worker's stream by the samples read ahead. The stream is deterministic per
 (seed, epoch, world_size, num_workers, local batch): resuming with another world size or worker count continues at
 the same batch number of a differently arranged epoch.
+
+Random access (`ShardRecords`): the same samples by index, for `xmodal cache` and other index-addressed tools;
+`read_samples` iterates every sample undecoded, in shard order.
 """
 
 from __future__ import annotations
