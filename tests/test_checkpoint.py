@@ -398,3 +398,27 @@ def test_resume_latest_falls_back_to_the_newest_intact_checkpoint(tmp_path, setu
     assert (folder / "step_0000004.pt.damaged").is_file()  # kept for inspection, out of resume's way
     assert_same(full_state(resumed), full_state(straight))
     assert CheckpointManager(folder).steps() == [1, 2, 3, 4, 5, 6]
+
+
+def test_settings_added_since_a_checkpoint_resume_when_left_at_their_default():
+    """A checkpoint written before a config key existed resumes under a config that leaves that key at its
+    default; a non-default value, or a key absent from a plain-dict config, is still a difference."""
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class Data:
+        train: str = "train.csv"
+        shards: str | None = None  # added later
+        image_keys: list = field(default_factory=lambda: ["jpg", "png"])  # added later
+
+    @dataclass
+    class Job:
+        data: Data = field(default_factory=Data)
+        steps: int = 5
+
+    old = {"data": {"train": "train.csv"}, "steps": 5}
+    assert config_differences(old, Job()) == []
+    assert config_differences(old, Job(data=Data(shards="s-{0..3}.tar"))) == ['data.shards: (absent) → "s-{0..3}.tar"']
+    assert config_differences(old, Job(data=Data(image_keys=["webp"]))) == ['data.image_keys: (absent) → ["webp"]']
+    assert config_differences(old, {"data": {"train": "train.csv", "shards": None}, "steps": 5}) == [
+        "data.shards: (absent) → null"]

@@ -272,6 +272,8 @@ def config_differences(old: Any, new: Any, may_change: Iterable[str] = RESUME_MA
         va, vb = a.get(key, missing), b.get(key, missing)
         if va == vb or allowed(key):
             continue
+        if va is missing and _is_default(new, key, vb):  # a setting added since the checkpoint, left at its default
+            continue
         fa = "(absent)" if va is missing else json.dumps(va)
         fb = "(absent)" if vb is missing else json.dumps(vb)
         lines.append(f"{key}: {fa} → {fb}")
@@ -279,6 +281,32 @@ def config_differences(old: Any, new: Any, may_change: Iterable[str] = RESUME_MA
 
 
 _MISSING = object()
+
+
+def _is_default(config: Any, dotted: str, value: Any) -> bool:
+    """Whether `value` is the dataclass default of the field `dotted` (a.b.c) of `config`; False when unknown."""
+    import dataclasses
+
+    from xmodal.config import to_dict
+
+    *parents, leaf = dotted.split(".")
+    obj = config
+    for part in parents:
+        if not dataclasses.is_dataclass(obj):
+            return False
+        obj = getattr(obj, part, _MISSING)
+    if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+        return False
+    field = next((f for f in dataclasses.fields(obj) if f.name == leaf), None)
+    if field is None:
+        return False
+    if field.default is not dataclasses.MISSING:
+        default = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        default = field.default_factory()
+    else:
+        return False
+    return json.loads(json.dumps(to_dict(default), default=str)) == value
 
 
 def retuned_settings(old: Any, new: Any, keys: Iterable[str] = RESUME_MAY_RETUNE) -> list[str]:
