@@ -3,8 +3,8 @@
 Synthesises face clips of a few lengths (default 5 s and 10 s) with the moving face of tests/test_mouth.py drawn
 at 720p over a textured, noisy background, an AAC audio track, and the exact 68-point landmarks as the `.pkl`
 auto_avsr writes. Each measurement runs in a fresh Python process that reports its own wall time, CPU time and
-peak RSS (`resource.getrusage(RUSAGE_SELF).ru_maxrss` read in that process, so each figure belongs to one
-measurement); the command is called in-process there, after the imports, so interpreter start-up is not timed.
+peak RSS (VmHWM from /proc/self/status, reset through /proc/self/clear_refs after the imports and a warm-up clip,
+so each peak belongs to one measurement); the command is called in-process there, so start-up is not timed.
 Beside it, the same crop fed from the whole clip decoded at once into float32 [T, H, W] (the non-streaming way)
 shows what streaming saves. The output is checked: one 96x96 crop per frame, on the mouth, audio kept.
 
@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import pickle
-import resource
 import subprocess
 import sys
 import tempfile
@@ -146,7 +145,7 @@ def _status_kb(field: str) -> int:
 
 
 def _reset_peak() -> None:
-    """Restart VmHWM (and ru_maxrss) from the current RSS, so the next peak belongs to what runs next."""
+    """Restart VmHWM from the current RSS (Linux), so the next peak belongs to what runs next."""
     Path("/proc/self/clear_refs").write_text("5")
 
 
@@ -208,8 +207,7 @@ def child(mode: str, clip_dir: Path, warm_dir: Path, out: Path, runs: int) -> di
         cpus.append(time.process_time() - cpu)
     wall, cpu = min(walls), min(cpus)  # other work on the machine only ever adds time
     return {"mode": mode, "frames": frames, "wall_s": wall, "cpu_s": cpu, "startup_s": startup, "runs": runs,
-            "peak_kb": _status_kb("VmHWM"), "base_kb": base,
-            "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+            "peak_kb": _status_kb("VmHWM"), "base_kb": base}
 
 
 def measure(mode: str, clip_dir: Path, warm_dir: Path, out: Path, runs: int) -> dict:
@@ -256,7 +254,7 @@ def main() -> None:
     parser.add_argument("--no-whole-clip", action="store_true", help="skip the whole-clip float32 comparison")
     parser.add_argument("--no-report", action="store_true", help="print only; do not touch BENCHMARKS.md")
     parser.add_argument("--repeats", type=int, default=5,
-                        help="runs per process of the fast rows (the command, PyAV decode); the best is reported")
+                        help="runs per process of the fast rows (the command, PyAV decode); the least time is reported")
     parser.add_argument("--child", nargs=5, metavar=("MODE", "CLIP_DIR", "WARM_DIR", "OUT", "RUNS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
