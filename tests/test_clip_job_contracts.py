@@ -132,3 +132,45 @@ def test_resume_with_nothing_to_resume_fails_before_the_teacher(tmp_path, monkey
     cfg.resume = "latest"
     with pytest.raises(CheckpointError, match="nothing to resume"):
         JOBS.get(name).run(cfg)
+
+
+_HOLD = """
+import sys, time
+from pathlib import Path
+from xmodal.lock import FolderLock
+lock = FolderLock(sys.argv[1], "run folder").acquire()
+Path(sys.argv[2]).write_text("held")
+time.sleep(float(sys.argv[3]))
+Path(sys.argv[2]).write_text("released")
+lock.release()
+"""
+
+
+def test_runs_side_by_side_wait_for_the_teacher_another_process_trains(tmp_path):
+    """A second run that needs the teacher a first run is training waits for it (it used to fail at once with
+    the run folder's LockedError), then goes on."""
+    import subprocess
+    import sys
+    import time
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_teacher_cache import clip_config
+
+    from xmodal.config import load_job_config
+    from xmodal.fingerprint import model_fingerprint
+
+    _, cfg = load_job_config(clip_config(tmp_path, teacher_train=True))
+    paths = clip_job.resolve_data(cfg.data)
+    first = clip_job.obtain_teacher(cfg.teacher, paths, cfg.data, tmp_path / "run0", torch.device("cpu"))
+    (key,) = [p.name for p in (tmp_path / "run0" / "teacher").iterdir()]
+    folder, marker = tmp_path / "run1" / "teacher" / key, tmp_path / "marker"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(folder), str(marker), "1.5"])
+    try:
+        while not marker.exists():
+            assert holder.poll() is None, "the lock-holding process ended early"
+            time.sleep(0.05)
+        second = clip_job.obtain_teacher(cfg.teacher, paths, cfg.data, tmp_path / "run1", torch.device("cpu"))
+        assert marker.read_text() == "released"  # it waited for the holder instead of refusing
+    finally:
+        holder.wait(timeout=60)
+    assert model_fingerprint(second.model) == model_fingerprint(first.model)

@@ -8,6 +8,7 @@ checkpoint, so `--resume` skips finished stages and continues the interrupted on
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -314,16 +315,47 @@ def obtain_teacher(cfg: TeacherConfig, paths: DataPaths, data_cfg: DataConfig, r
     if (export_dir / "open_clip_config.json").is_file():
         log.info("teacher: reusing the teacher trained earlier in %s", export_dir)
         return load_clip(exported, device)
+    from xmodal.distributed import world_size
     from xmodal.students.export import export_open_clip
 
-    seed_everything(cfg.train.seed)  # the teacher's initial weights follow its own recipe, whoever trains it
-    teacher = load_clip(cfg, device)
-    log.info("teacher: training %s params contrastively for %d steps", f"{count_parameters(teacher.model):,}",
-             cfg.train.steps)
-    train_clip(teacher, paths, data_cfg, cfg.train, folder, losses=[LossSpec("clip")], device=device,
-               config={"teacher": settings}, resume=RESUME_AUTO)  # an interrupted teacher run continues
-    export_open_clip(teacher.model, teacher.model_cfg, export_dir, teacher.preprocess_cfg, overwrite=True)
+    with contextlib.ExitStack() as stack:
+        if world_size() == 1:  # runs started side by side share one teacher: the first trains it, the rest wait
+            stack.enter_context(wait_for_run_folder(folder, "the teacher"))
+            if (export_dir / "open_clip_config.json").is_file():
+                log.info("teacher: reusing the teacher another process just trained in %s", export_dir)
+                return load_clip(exported, device)
+        seed_everything(cfg.train.seed)  # the teacher's initial weights follow its own recipe, whoever trains it
+        teacher = load_clip(cfg, device)
+        log.info("teacher: training %s params contrastively for %d steps", f"{count_parameters(teacher.model):,}",
+                 cfg.train.steps)
+        train_clip(teacher, paths, data_cfg, cfg.train, folder, losses=[LossSpec("clip")], device=device,
+                   config={"teacher": settings}, resume=RESUME_AUTO)  # an interrupted teacher run continues
+        export_open_clip(teacher.model, teacher.model_cfg, export_dir, teacher.preprocess_cfg, overwrite=True)
     return load_clip(exported, device)  # the exported form, so a fresh and a reused teacher are the same teacher
+
+
+@contextlib.contextmanager
+def wait_for_run_folder(folder: Path, what: str, poll: float = 2.0, report_every: float = 60.0) -> Iterator[None]:
+    """Hold run folder `folder`'s lock for the block, waiting (with a log line now and then) while another
+    process holds it, instead of refusing: that process is training what this one needs."""
+    from xmodal.engine.run import run_folder_lock
+    from xmodal.lock import LockedError
+
+    with contextlib.ExitStack() as stack:
+        start = last = None
+        while True:
+            try:
+                stack.enter_context(run_folder_lock(folder))
+                break
+            except LockedError as e:
+                now = time.monotonic()
+                if last is None or now - last >= report_every:
+                    start = start if start is not None else now
+                    log.info("%s is being trained by %s in %s; waiting for it (%.0f s so far)", what,
+                             f"process {e.holder}" if e.holder else "another process", folder, now - start)
+                    last = now
+                time.sleep(poll)
+        yield
 
 
 def build_student(teacher: ClipModel, model_cfg: dict, inherit, device: torch.device,
