@@ -191,3 +191,13 @@ def test_cli_target_recall_reports_setting(tmp_path, capsys):
     assert run_cli("--model", str(model_dir), "--data", str(data), "--no-cache", "--index", "hnsw",
                    "--target-recall", "2") == 2
     assert "--target-recall" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target", [None, 0.9])
+def test_non_finite_query_is_named_by_its_row(target):
+    from xmodal.errors import DataError
+
+    images, texts, mapping = pairs(200)
+    images[137, 3] = float("nan")
+    with pytest.raises(DataError, match="image embeddings row 137"):
+        evaluate_retrieval(images, texts, mapping, index="hnsw", target_recall=target, recall_sample=150)

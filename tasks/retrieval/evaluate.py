@@ -124,6 +124,14 @@ def _rows(x, idx: np.ndarray):
     return np.asarray(x[idx])
 
 
+def _check_finite(x, name: str, block_rows: int = 65536) -> None:
+    """DataError naming `name` and the first row with NaN or infinite values (one blocked pass)."""
+    from .metrics import load_rows
+
+    for start in range(0, int(x.shape[0]), block_rows):
+        load_rows(x, start, min(start + block_rows, int(x.shape[0])), torch.device("cpu"), name)
+
+
 def _evaluate_approximate(
     image_emb, text_emb, text_to_image, ks, *, normalize, ties, index, index_params, recall_sample, target_recall,
     seed, device, block_bytes, progress,
@@ -158,6 +166,7 @@ def _evaluate_approximate(
     for direction, queries, docs, q_name, d_name in sides:
         q_name, d_name = f"{q_name} embeddings", f"{d_name} embeddings"
         idx = build_index(index, docs, normalize=normalize, progress=progress, seed=seed, name=d_name, **index_params)
+        _check_finite(queries, q_name)  # before the sample: an error names the row in `queries`, not in the sample
         n_q = int(queries.shape[0])
         sample = np.sort(rng.choice(n_q, size=min(n_q, recall_sample), replace=False))
         sample_q = _rows(queries, sample)
