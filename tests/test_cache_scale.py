@@ -328,3 +328,52 @@ def test_augmentation_aware_cache_replays_the_stored_view(tmp_path, capsys):
 
     # The job trains from the cache, replaying its views.
     assert main(["distill", str(clip_views_config(tmp_path, cache=cache))]) == 0
+
+
+def _cli_worker(rank: int, port: int, config: str, out: str, log_dir: str) -> None:
+    """`xmodal cache` as torchrun starts it: RANK/WORLD_SIZE/MASTER_* in the environment, the CLI joins the group."""
+    import contextlib
+    import io
+
+    from xmodal.cli import main
+
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    stdout = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(stdout):
+            code = main(["cache", config, "--out", out, "--no-progress", "--device", "cpu"])
+        Path(log_dir, f"cli_rank{rank}.txt").write_text(f"{code}\n{stdout.getvalue()}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_cli_under_torchrun_builds_the_augmentation_aware_cache_of_one_process(tmp_path):
+    import socket
+
+    from xmodal.config import load_job_config
+    from xmodal.tasks.clip.job import resolve_data
+
+    config = clip_views_config(tmp_path)
+    resolve_data(load_job_config(config)[1].data)  # the world first: two processes must not generate it at once
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spawn(_cli_worker, (port, str(config), str(tmp_path / "two"), str(tmp_path)))
+    code0, out0 = (tmp_path / "cli_rank0.txt").read_text().split("\n", 1)
+    code1, out1 = (tmp_path / "cli_rank1.txt").read_text().split("\n", 1)
+    assert code0 == code1 == "0" and out1 == ""  # only rank 0 reports
+    assert f"(72 rows: 24 samples × {VIEWS} views, built by 2 processes)" in out0
+    assert "bytes per sample per view" in out0
+    from xmodal.cli import main
+
+    assert main(["cache", str(config), "--out", str(tmp_path / "one"), "--no-progress", "--device", "cpu"]) == 0
+    one, two = TeacherCache(tmp_path / "one"), TeacherCache(tmp_path / "two")
+    keys = sorted(cache_items(one))
+    assert keys == sorted(cache_items(two)) and len(keys) == 24 * VIEWS
+    ids, augs = [k for k, _ in keys], [a for _, a in keys]
+    for m, f in one.lookup(ids, augs).items():
+        assert torch.equal(f.pooled, two.lookup(ids, augs)[m].pooled), m
+    assert (one.view_params(ids, augs) == two.view_params(ids, augs)).all()
