@@ -174,3 +174,26 @@ def test_runs_side_by_side_wait_for_the_teacher_another_process_trains(tmp_path)
     finally:
         holder.wait(timeout=60)
     assert model_fingerprint(second.model) == model_fingerprint(first.model)
+
+
+def test_a_random_weight_teacher_is_the_same_in_every_process(tmp_path):
+    """A teacher given only model_cfg (no weights, no teacher.train) is initialised from a fixed seed, without
+    touching the caller's RNG: xmodal cache, xmodal distill and every torchrun rank build the same one."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_teacher_cache import TINY_CLIP
+
+    from xmodal.fingerprint import model_fingerprint
+    from xmodal.tasks.clip.config import TeacherConfig
+
+    prints = []
+    for rng_seed in (1, 2):
+        torch.manual_seed(rng_seed)
+        before = torch.random.get_rng_state()
+        teacher = clip_job.obtain_teacher(TeacherConfig(model_cfg=json.loads(json.dumps(TINY_CLIP))), None, None,
+                                          tmp_path, torch.device("cpu"))
+        assert torch.equal(torch.random.get_rng_state(), before)
+        prints.append(model_fingerprint(teacher.model))
+    assert prints[0] == prints[1]

@@ -219,3 +219,26 @@ def test_a_hung_collective_fails_fast_naming_the_rank(tmp_path):
     the harness's wall-clock backstop (which also counts interpreter start-up, slow under load)."""
     with pytest.raises(mp.ProcessRaisedException, match=r"(?s)Process 0 terminated.*all_reduce.*Timed out"):
         spawn(_hanging_worker, (str(tmp_path / "init"),))
+
+
+def _world_worker(rank: int, init_file: str, root: str) -> None:
+    from xmodal.tasks.clip.config import DataConfig, SyntheticDataConfig
+    from xmodal.tasks.clip.job import resolve_data
+
+    join_group(rank, init_file)
+    try:
+        data = DataConfig(root=root, synthetic=SyntheticDataConfig(train=24, val=8, test=8, image_size=16))
+        paths = resolve_data(data)
+        with open(f"{root}/../paths_rank{rank}.json", "w") as f:
+            json.dump({"train": str(paths.train), "rows": paths.train.read_text().count("\n")}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_generate_the_synthetic_world_once_without_racing(tmp_path):
+    """Under torchrun every rank resolves the data; the synthetic world is written once (by rank 0) and the others
+    find it (they used to write the same files at once and crash on each other's temporary files)."""
+    spawn(_world_worker, (str(tmp_path / "init"), str(tmp_path / "world")))
+    got = [json.loads((tmp_path / f"paths_rank{r}.json").read_text()) for r in range(WORLD)]
+    assert got[0] == got[1] and got[0]["rows"] > 24
+    assert not list((tmp_path / "world").rglob("*.partial*"))

@@ -67,10 +67,12 @@ def resolve_data(cfg: DataConfig) -> DataPaths:
         if root is None:
             raise ConfigError("data.synthetic needs data.root: the folder to generate the synthetic world into")
         from xmodal.data.scenes import generate_scene_dataset
+        from xmodal.engine.ddp import main_process_first
 
         s = cfg.synthetic
-        generate_scene_dataset(root, s.train, s.val, s.test, seed=s.seed, image_size=s.image_size,
-                               captions_per_image=s.captions_per_image)
+        with main_process_first():  # under torchrun rank 0 writes the world; the others then find it there
+            generate_scene_dataset(root, s.train, s.val, s.test, seed=s.seed, image_size=s.image_size,
+                                   captions_per_image=s.captions_per_image)
 
     def path(name: str | None) -> Path | None:
         if name is None:
@@ -298,7 +300,9 @@ def obtain_teacher(cfg: TeacherConfig, paths: DataPaths, data_cfg: DataConfig, r
                    device: torch.device) -> ClipModel:
     """Load the teacher; with `teacher.train`, train it first, or reuse the one trained with the same settings."""
     if cfg.train is None:
-        teacher = load_clip(cfg, device)
+        with torch.random.fork_rng(devices=[]):  # random weights (model_cfg alone) are the same in every process
+            torch.manual_seed(0)
+            teacher = load_clip(cfg, device)
         if cfg.model_cfg is not None:
             log.warning("teacher: built from model_cfg with random weights and no teacher.train; "
                         "it will teach noise. Give pretrained weights or a teacher.train block")

@@ -6,9 +6,11 @@ the group (NCCL on GPUs, gloo on CPU), gives each process one device and wraps t
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -64,6 +66,20 @@ def unwrap(module: nn.Module) -> nn.Module:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """Run the block on rank 0 first, then on the other ranks: for work that writes shared files once (generating
+    a synthetic data set), which the others then find done. Without a process group it just runs the block."""
+    main = not is_distributed() or dist.get_rank() == 0
+    if not main:
+        barrier()  # wait for rank 0 to finish (or fail) the block
+    try:
+        yield
+    finally:
+        if main:
+            barrier()
 
 
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
