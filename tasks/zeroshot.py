@@ -143,13 +143,12 @@ class ZeroShotImages(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        from PIL import Image
+        from xmodal.data.images import open_rgb
 
         path, label = self.items[i]
         try:
-            with Image.open(path) as img:
-                image = img.convert("RGB")
-        except (OSError, ValueError) as e:
+            image = open_rgb(path)  # a file or a tar shard's member
+        except (OSError, SyntaxError, ValueError) as e:
             raise DataError(f"{self.source}: image {i} ({path}) cannot be read: {e}") from e
         return self.transform(image), label
 

@@ -364,5 +364,5 @@ def test_eval_zeroshot_on_imagefolder(tmp_path, model_dir, capsys):
     assert main(["eval", "zeroshot", "--model", str(model_dir), "--data", f"coco-karpathy:{root}"]) == 2
     assert "coco-karpathy is a retrieval set" in capsys.readouterr().err
     assert main(["eval", "zeroshot", "--model", str(model_dir), "--data", str(root), "--split", "val"]) == 2
-    assert "--split applies to named sets (imagefolder:PATH)" in capsys.readouterr().err
+    assert "--split applies to named sets (imagefolder:PATH, wds:PATH)" in capsys.readouterr().err
 

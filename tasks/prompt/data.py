@@ -89,10 +89,9 @@ def split_items(items: Sequence[ImageItem], fraction: float, seed: int = 0) -> t
 
 
 def _open_rgb(path: str):
-    from PIL import Image
+    from xmodal.data.images import open_rgb
 
-    with Image.open(path) as img:
-        return img.convert("RGB")
+    return open_rgb(path)  # a file or a tar shard's member (`--data wds:PATH`)
 
 
 def _image_errors() -> tuple[type[BaseException], ...]:

@@ -52,7 +52,9 @@ def _where(rec) -> str:
 
 def check_images_exist(records: Sequence) -> None:
     """Every caption must point to an image file on disk; name the first missing ones and where they appear."""
-    missing = [rec for rec in records if not os.path.isfile(rec.image)]
+    from xmodal.data.images import image_exists
+
+    missing = [rec for rec in records if not image_exists(rec.image)]
     if missing:
         first = "; ".join(f"{_where(r)}: {r.image}" for r in missing[:3])
         raise DataError(
@@ -71,11 +73,10 @@ class _ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        from PIL import Image
+        from xmodal.data.images import open_rgb
 
         try:
-            with Image.open(self.paths[i]) as im:
-                image = im.convert("RGB")
+            image = open_rgb(self.paths[i])  # a file or a tar shard's member
         except (OSError, SyntaxError, ValueError) as e:
             raise DataError(f"cannot read image {self.paths[i]} ({type(e).__name__}: {e}); fix or remove it") from e
         return self.transform(image)

@@ -51,7 +51,7 @@ COMMAND = {RETRIEVAL: "xmodal eval retrieval", ZEROSHOT: "xmodal eval zeroshot"}
 PLAIN = {RETRIEVAL: "a CSV/TSV/JSON-lines image-text file", ZEROSHOT: "a zeroshot.json (or a folder holding one)"}
 
 # modules that register more readers; imported on the first lookup (keeps the core free of their dependencies)
-READER_MODULES: tuple[str, ...] = ()
+READER_MODULES: tuple[str, ...] = ("xmodal.data.shards",)  # wds:PATTERN
 
 # image suffixes an image folder reads (torchvision's ImageFolder list)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -79,7 +79,7 @@ class RetrievalSet:
 
     def identity(self) -> DataIdentity:
         """Content of `files`, every image's path/size/mtime and `settings` (a plain file: the file and images)."""
-        return data_identity(self.files, media=[r.image for r in self.records], **self.settings)
+        return data_identity(self.files, media=_media([r.image for r in self.records]), **self.settings)
 
     @property
     def slot(self) -> str:
@@ -87,6 +87,13 @@ class RetrievalSet:
         if not self.settings:
             return self.source
         return self.source + "|" + ",".join(f"{k}={v}" for k, v in sorted(self.settings.items()))
+
+
+def _media(refs: Sequence[str]) -> list[str]:
+    """The files holding the images (a shard once for all its members), in first-seen order."""
+    from xmodal.data.images import ref_file
+
+    return list(dict.fromkeys(ref_file(r) for r in refs))
 
 
 @dataclass
@@ -102,7 +109,7 @@ class ZeroShotSet:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def identity(self) -> DataIdentity:
-        return data_identity(self.files, media=[p for p, _ in self.items], classnames=self.classnames,
+        return data_identity(self.files, media=_media([p for p, _ in self.items]), classnames=self.classnames,
                              templates=self.templates, **self.settings)
 
 
@@ -117,7 +124,12 @@ class EvalSetReader:
     @property
     def options(self) -> list[str]:
         params = list(inspect.signature(self.read).parameters.values())[1:]
-        return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "task"]
+
+    @property
+    def takes_task(self) -> bool:
+        """A reader serving several tasks learns which one it reads for through a `task` keyword."""
+        return "task" in inspect.signature(self.read).parameters
 
     def load(self, path: str, task: str, **options: Any) -> RetrievalSet | ZeroShotSet:
         """Read the set at `path`; options left at None are not passed, the others must be ones the reader takes."""
@@ -127,7 +139,7 @@ class EvalSetReader:
                 flag = "--" + key.replace("_", "-")
                 takes = ", ".join("--" + o.replace("_", "-") for o in self.options) or "no options"
                 raise ConfigError(f"{flag} does not apply to {self.name}:PATH (it takes {takes}); drop {flag}")
-        result = self.read(path, **given)
+        result = self.read(path, **given, **({"task": task} if self.takes_task else {}))
         want = RetrievalSet if task == RETRIEVAL else ZeroShotSet
         if not isinstance(result, want):
             raise TypeError(f"evaluation set reader {self.name!r} returned {type(result).__name__} for a {task} "
@@ -443,6 +455,38 @@ def _first_existing(root: Path, names: Sequence[str]) -> Path | None:
     return next((root / n for n in names if (root / n).is_file()), None)
 
 
+def names_and_templates(root: Path, default_names: list[str], classnames: str | None, templates: str | None,
+                        classes: str, fix: str) -> tuple[list[str], list[str], dict[str, str]]:
+    """(class names, `{}` templates, files used) of a zero-shot set under `root`: `classnames` (a file or built-in
+    name), else root/classnames.txt, else `default_names`; `templates` (a file or built-in set), else
+    root/templates.txt or zeroshot_classification_templates.txt, else "a photo of a {c}.". `classes` says what
+    the names must match (for the error), `fix` how to make them match."""
+    files_used: dict[str, str] = {}
+    builtin = classnames in BUILTIN_CLASSNAMES
+    names_file = Path(classnames) if classnames else _first_existing(root, CLASSNAMES_FILES)
+    if names_file is not None:
+        names = BUILTIN_CLASSNAMES[classnames]() if builtin else read_lines(names_file, "class names")
+        if len(names) != len(default_names):
+            raise DataError(f"{names_file}: {len(names)} class names for {classes}; {fix}")
+        if not builtin:
+            files_used["classnames"] = str(names_file)
+    else:
+        names = list(default_names)
+    if templates in BUILTIN_TEMPLATES:
+        prompt_list = [format_template(t, f"built-in templates {templates}") for t in BUILTIN_TEMPLATES[templates]()]
+    else:
+        templates_file = Path(templates) if templates else _first_existing(root, TEMPLATES_FILES)
+        if templates_file is not None:
+            if not templates_file.is_file() and templates:
+                raise DataError(f"{templates_file}: templates file not found; give a file with one template per "
+                                f"line ({{c}} for the class name) or a built-in set: {', '.join(BUILTIN_TEMPLATES)}")
+            prompt_list = read_templates(templates_file)
+            files_used["templates"] = str(templates_file)
+        else:
+            prompt_list = [format_template(DEFAULT_TEMPLATE, "default template")]
+    return names, prompt_list, files_used
+
+
 @register_eval_set("imagefolder", task=ZEROSHOT)
 def read_imagefolder(path: str, *, split: str | None = None, classnames: str | None = None,
                      templates: str | None = None) -> ZeroShotSet:
@@ -473,32 +517,10 @@ def read_imagefolder(path: str, *, split: str | None = None, classnames: str | N
             raise DataError(f"{folder / name}: class folder with no images ({', '.join(IMAGE_SUFFIXES)}); add its "
                             "images or remove the folder (labels follow the sorted class folders)")
         items.extend((f, label) for f in files)
-    files_used: dict[str, str] = {}
-    builtin = classnames in BUILTIN_CLASSNAMES
-    names_file = Path(classnames) if classnames else _first_existing(root, CLASSNAMES_FILES)
-    if names_file is not None:
-        names = BUILTIN_CLASSNAMES[classnames]() if builtin else read_lines(names_file, "class names")
-        if len(names) != len(classes):
-            raise DataError(
-                f"{names_file}: {len(names)} class names for {len(classes)} class folders in {folder} (first "
-                f"{classes[0]!r}, last {classes[-1]!r}); write one name per class folder, in sorted folder order"
-            )
-        if not builtin:
-            files_used["classnames"] = str(names_file)
-    else:
-        names = [c.replace("_", " ") for c in classes]
-    if templates in BUILTIN_TEMPLATES:
-        prompt_list = [format_template(t, f"built-in templates {templates}") for t in BUILTIN_TEMPLATES[templates]()]
-    else:
-        templates_file = Path(templates) if templates else _first_existing(root, TEMPLATES_FILES)
-        if templates_file is not None:
-            if not templates_file.is_file() and templates:
-                raise DataError(f"{templates_file}: templates file not found; give a file with one template per "
-                                f"line ({{c}} for the class name) or a built-in set: {', '.join(BUILTIN_TEMPLATES)}")
-            prompt_list = read_templates(templates_file)
-            files_used["templates"] = str(templates_file)
-        else:
-            prompt_list = [format_template(DEFAULT_TEMPLATE, "default template")]
+    names, prompt_list, files_used = names_and_templates(
+        root, [c.replace("_", " ") for c in classes], classnames, templates,
+        f"{len(classes)} class folders in {folder} (first {classes[0]!r}, last {classes[-1]!r})",
+        "write one name per class folder, in sorted folder order")
     split_name = folder.name if folder != root else None
     title = root.resolve().name + (f"/{split_name}" if split_name else "")
     settings = {"reader": "imagefolder", "split": split_name}
@@ -507,7 +529,8 @@ def read_imagefolder(path: str, *, split: str | None = None, classnames: str | N
 
 __all__ = [
     "EVAL_SETS", "READER_MODULES", "EvalSetReader", "KarpathyRecord", "RetrievalSet", "ZeroShotSet",
-    "eval_set_names", "format_template", "load_eval_set", "open_retrieval_set", "read_coco_karpathy",
-    "read_flickr30k_karpathy", "read_imagefolder", "read_karpathy", "read_lines", "read_templates",
+    "eval_set_names", "format_template", "load_eval_set", "names_and_templates", "open_retrieval_set",
+    "read_coco_karpathy", "read_flickr30k_karpathy", "read_imagefolder", "read_karpathy", "read_lines",
+    "read_templates",
     "register_eval_set", "split_data_spec",
 ]

@@ -363,6 +363,34 @@ def decode_image(sample: ShardSample):
 # ---------------------------------------------------------------- random access
 
 
+def index_shard(path: str, image_keys: Sequence[str] = IMAGE_KEYS,
+                small: Sequence[str] = ("json", "txt")) -> list[tuple[dict, tarfile.TarInfo | None]]:
+    """Each sample of a shard as (webdataset-style dict holding the `small` members' bytes and b"" for its image
+    member, that image member's header or None), in tar order; image bytes are not read."""
+    from webdataset.tariterators import base_plus_ext
+
+    out = []
+    try:
+        with tarfile.open(path, "r:") as tar:
+            groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+            for m in tar:
+                prefix, suffix = base_plus_ext(m.name)
+                if m.isreg() and prefix is not None:
+                    groups.setdefault(prefix, {})[suffix.lower()] = m
+            for prefix, members in groups.items():
+                raw: dict[str, Any] = {"__key__": prefix, "__url__": path}
+                for name in small:
+                    if name in members:
+                        raw[name] = tar.extractfile(members[name]).read()
+                ext = next((k for k in image_keys if k in members), None)
+                if ext is not None:
+                    raw[ext] = b""  # located, read on demand
+                out.append((raw, members[ext] if ext else None))
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"{path}: unreadable tar shard ({e}); rewrite it with `xmodal data shards`") from e
+    return out
+
+
 @dataclass
 class _Located:
     """A sample's metadata (read at start) and where its image bytes are: (shard, byte offset, size)."""
@@ -390,8 +418,6 @@ class ShardRecords:
     def __init__(self, paths: Sequence[str], *, caption_sampling: str = "first", image_keys: Sequence[str] = IMAGE_KEYS,
                  caption_key: str | None = None, on_error: str = "skip", seed: int = 0,
                  transform: Callable | None = None, tokenizer: Callable | None = None):
-        from webdataset.tariterators import base_plus_ext
-
         from xmodal.data.image_text import ImageTextRecord, caption_keys
 
         if caption_sampling not in _CAPTION_SAMPLING:
@@ -402,29 +428,12 @@ class ShardRecords:
         self.transform, self.tokenizer = transform, tokenizer
         self.epoch = 0
         self.samples: list[_Located] = []
+        small = ("json", "txt", *([caption_key] if caption_key and "." not in caption_key else []))
         for path in self.paths:
-            try:
-                with tarfile.open(path, "r:") as tar:
-                    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-                    for m in tar:
-                        prefix, suffix = base_plus_ext(m.name)
-                        if m.isreg() and prefix is not None:
-                            groups.setdefault(prefix, {})[suffix.lower()] = m
-                    for prefix, members in groups.items():
-                        raw = {"__key__": prefix, "__url__": path}
-                        for name in ("json", "txt", *([caption_key] if caption_key and "." not in caption_key
-                                                      else [])):
-                            if name in members:
-                                raw[name] = tar.extractfile(members[name]).read()
-                        ext = next((k for k in image_keys if k in members), None)
-                        if ext is not None:
-                            raw[ext] = b""  # located, read on demand
-                        s = parse_sample(raw, image_keys, caption_key)
-                        m = members.get(ext) if ext else None
-                        self.samples.append(_Located(s.key, s.captions, path, ext, m.offset_data if m else 0,
-                                                     m.size if m else 0, s.problem))
-            except (tarfile.TarError, OSError, EOFError) as e:
-                raise DataError(f"{path}: unreadable tar shard ({e}); rewrite it with `xmodal data shards`") from e
+            for raw, member in index_shard(path, image_keys, small):
+                s = parse_sample(raw, image_keys, caption_key)
+                self.samples.append(_Located(s.key, s.captions, path, s.ext, member.offset_data if member else 0,
+                                             member.size if member else 0, s.problem))
         self._items: list[tuple[int, int | None, str]] = []  # (sample, caption or None, key)
         for i, s in enumerate(self.samples):
             if caption_sampling == "all" and s.captions:
@@ -851,3 +860,122 @@ class ShardLoader:
         if want != total or pending:
             raise DataError(f"data.shards: epoch {epoch} yielded batches up to {want} of {total} (out of order: "
                             f"{sorted(pending)[:5]}); a shard changed while in use?")
+
+
+# ---------------------------------------------------------------- evaluation sets (`--data wds:PATH`)
+
+
+def _eval_shards(path: str, split: str | None) -> tuple[list[str], Path, str]:
+    """Shard files of `wds:PATH`, the folder its class-name and template files are looked for in, and a title.
+
+    PATH is a folder of shards, a folder with one sub-folder of shards per split (CLIP_benchmark's layout:
+    ROOT/<split>/*.tar beside ROOT/classnames.txt), or a brace pattern / single tar."""
+    p = Path(path)
+    if p.is_dir():
+        if split is None and not any(p.glob("*.tar")) and (p / "test").is_dir():
+            split = "test"
+        folder = p / split if split else p
+        if not folder.is_dir():
+            subs = sorted(d.name for d in p.iterdir() if d.is_dir())
+            raise DataError(f"{p}: no split folder {split!r} of shards (it holds: {', '.join(subs) or 'no folders'}); "
+                            "pick one with --split, or give the folder that holds the .tar files")
+        shards = sorted(str(f) for f in folder.glob("*.tar"))
+        if not shards:
+            raise DataError(f"{folder}: no .tar shards; write them with `xmodal data shards` or give wds:PATTERN")
+        return shards, p, p.resolve().name + (f"/{split}" if split else "")
+    if split is not None:
+        raise ConfigError(f"--split applies to wds:FOLDER (FOLDER/<split>/*.tar); the pattern {path} names its "
+                          "shards itself: drop --split")
+    shards = shard_paths(path)
+    folder = Path(shards[0]).parent
+    return shards, folder, folder.resolve().name
+
+
+def _check_readable(problems: list[str], shards: Sequence[str]) -> None:
+    if problems:
+        raise DataError(f"{len(problems)} sample(s) of {shards[0]}{' ...' if len(shards) > 1 else ''} cannot be "
+                        f"evaluated ({'; '.join(problems[:3])}); evaluation counts every sample, so fix or rewrite "
+                        "those shards")
+
+
+def read_eval_shards(path: str, *, task: str, split: str | None = None, classnames: str | None = None,
+                     templates: str | None = None):
+    """`--data wds:PATH` for retrieval (each sample's image with all its captions: json "captions", else `txt`) and
+    zero-shot (each sample's image and integer label: a `cls` member or json "label", with class names and
+    templates from --classnames/--templates or the files beside the shards, as CLIP_benchmark's wds sets)."""
+    from xmodal.data.eval_sets import (
+        BUILTIN_CLASSNAMES,
+        RETRIEVAL,
+        RetrievalSet,
+        ZeroShotSet,
+        names_and_templates,
+        read_lines,
+    )
+    from xmodal.data.image_text import ImageTextRecord
+    from xmodal.data.images import member_ref
+
+    shards, root, title = _eval_shards(path, split)
+    settings = {"reader": "wds", "split": split}
+    problems: list[str] = []
+    if task == RETRIEVAL:
+        if classnames is not None or templates is not None:
+            raise ConfigError("--classnames/--templates apply to zero-shot sets; drop them for eval retrieval")
+        records = []
+        for shard in shards:
+            for raw, member in index_shard(shard, IMAGE_KEYS, ("json", "txt")):
+                s = parse_sample(raw)
+                if s.problem:
+                    problems.append(f"{shard}: {s.key}: {s.problem}")
+                    continue
+                records.append(ImageTextRecord(member_ref(shard, member.offset_data, member.size), s.captions,
+                                               line=len(records), source=shard, ref=s.key))
+        _check_readable(problems, shards)
+        if not records:
+            raise DataError(f"{path}: the shards hold no samples")
+        return RetrievalSet(f"wds:{title}", records, str(Path(shards[0]).parent.resolve()), {}, settings)
+    items: list[tuple[str, int]] = []
+    for shard in shards:
+        for raw, member in index_shard(shard, IMAGE_KEYS, ("json", "cls")):
+            key = raw["__key__"]
+            label = None
+            try:
+                if "cls" in raw:
+                    label = int(raw["cls"].decode("utf-8").strip())
+                elif "json" in raw:
+                    label = json.loads(raw["json"]).get("label")
+            except (ValueError, UnicodeDecodeError, AttributeError):
+                label = None
+            if member is None or not isinstance(label, int) or label < 0:
+                what = "no image member" if member is None else "no integer label (a `cls` member or json \"label\")"
+                problems.append(f"{shard}: {key}: {what}")
+                continue
+            items.append((member_ref(shard, member.offset_data, member.size), label))
+    _check_readable(problems, shards)
+    if not items:
+        raise DataError(f"{path}: the shards hold no samples")
+    top = max(label for _, label in items)
+    names_file = None if classnames in BUILTIN_CLASSNAMES else (
+        Path(classnames) if classnames else next((d / "classnames.txt" for d in (root, root.parent)
+                                                  if (d / "classnames.txt").is_file()), None))
+    if names_file is None and classnames is None:
+        raise DataError(f"{path}: labels 0..{top} but no class names; put classnames.txt (one name per line, in "
+                        f"label order) beside the shards or their split folders, or pass --classnames FILE")
+    count = len(BUILTIN_CLASSNAMES[classnames]()) if names_file is None else len(read_lines(names_file, "class names"))
+    if top >= count:
+        raise DataError(f"{names_file or classnames}: {count} class names, but the shards hold label {top}; write one "
+                        "name per label, in label order")
+    lookup = names_file.parent if names_file is not None and not classnames else root
+    names, prompts, files_used = names_and_templates(
+        lookup, [str(i) for i in range(count)], classnames, templates, f"{count} classes", "")
+    return ZeroShotSet(f"wds:{title}", names, prompts, items, str(Path(shards[0]).parent.resolve()), files_used,
+                       settings)
+
+
+def _register_eval_sets() -> None:
+    from xmodal.data.eval_sets import EVAL_SETS, RETRIEVAL, ZEROSHOT, register_eval_set
+
+    if "wds" not in EVAL_SETS:
+        register_eval_set("wds", task=(RETRIEVAL, ZEROSHOT))(read_eval_shards)
+
+
+_register_eval_sets()
