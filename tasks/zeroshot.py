@@ -218,7 +218,7 @@ def evaluate_zeroshot(
     progress: bool = False,
 ) -> dict[str, float]:
     """Classify every image of `loader` ((images, labels) or {"image", "label"} batches) with `classifier` [D, C]."""
-    from tqdm import tqdm
+    from xmodal.progress import progress as progress_bar
 
     device = torch.device(device) if device is not None else classifier.device
     classifier = classifier.to(device).float()
@@ -226,7 +226,7 @@ def evaluate_zeroshot(
     model.eval()
     all_logits, all_labels = [], []
     try:
-        for images, labels in tqdm(_batches(loader), desc="zero-shot", disable=not progress, unit="batch"):
+        for images, labels in progress_bar(_batches(loader), desc="zero-shot", enabled=progress, unit="batch"):
             feats = F.normalize(model.encode_image(images.to(device)).float(), dim=-1)
             if feats.shape[1] != classifier.shape[0]:
                 raise DataError(

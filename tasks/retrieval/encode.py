@@ -90,9 +90,9 @@ def _batches(n: int, size: int) -> Iterator[tuple[int, int]]:
 def _progress(iterable, total: int, desc: str, enabled: bool):
     if not enabled:
         return iterable
-    from tqdm import tqdm
+    from xmodal.progress import progress
 
-    return tqdm(iterable, total=total, desc=desc, unit="batch")
+    return progress(iterable, total=total, desc=desc, unit="batch")
 
 
 @torch.inference_mode()

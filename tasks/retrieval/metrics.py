@@ -267,9 +267,9 @@ def first_positive_ranks(
     def row_blocks(desc: str):
         starts = range(0, num_texts, rows_per_block)
         if progress:
-            from tqdm import tqdm
+            from xmodal.progress import progress as progress_bar
 
-            starts = tqdm(starts, desc=desc, unit="block", leave=False)
+            starts = progress_bar(starts, desc=desc, unit="block", leave=False)
         for start in starts:
             yield start, min(start + rows_per_block, num_texts)
 

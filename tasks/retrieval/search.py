@@ -246,9 +246,9 @@ def build_index(
         index.train(np.ascontiguousarray(train.numpy()))
     starts = range(0, num, block_rows)
     if progress:
-        from tqdm import tqdm
+        from xmodal.progress import progress as progress_bar
 
-        starts = tqdm(starts, desc=f"indexing ({kind})", unit="block", leave=False)
+        starts = progress_bar(starts, desc=f"indexing ({kind})", unit="block", leave=False)
     for start in starts:
         stop = min(start + block_rows, num)
         rows = _normalized_rows(docs, start, stop, cpu, normalize, name)
@@ -270,9 +270,9 @@ def search_index(
     ids = np.empty((num, k), dtype=np.int64)
     starts = range(0, num, block_rows)
     if progress:
-        from tqdm import tqdm
+        from xmodal.progress import progress as progress_bar
 
-        starts = tqdm(starts, desc="searching", unit="block", leave=False)
+        starts = progress_bar(starts, desc="searching", unit="block", leave=False)
     for start in starts:
         stop = min(start + block_rows, num)
         q = _normalized_rows(queries, start, stop, torch.device("cpu"), normalize, name)

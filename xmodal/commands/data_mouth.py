@@ -42,8 +42,6 @@ def _copy_atomic(src: Path, dst: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from xmodal.data.mouth import (
         LANDMARK_DETECTORS,
         MouthCropConfig,
@@ -54,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from xmodal.errors import ConfigError, DataError
     from xmodal.io import atomic_write_json
+    from xmodal.progress import progress as progress_bar
 
     cfg = MouthCropConfig(crop_size=args.crop_size, window=args.window, max_missing=args.max_missing,
                           scheme=args.scheme)
@@ -69,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if not videos:
         raise DataError(f"{args.videos}: no .mp4 files")
     written, kept, refused = 0, 0, {}
-    for video in tqdm(videos, desc="mouth crops", unit="clip", disable=args.no_progress):
+    for video in progress_bar(videos, desc="mouth crops", unit="clip", enabled=not args.no_progress):
         rel = video.relative_to(args.videos)
         out = args.out / rel
         if out.is_file() and not args.overwrite:

@@ -423,9 +423,9 @@ def generate_bev_dataset(out_dir: str | os.PathLike, n_scenes: int, seed: int = 
     another data set is refused unless `overwrite`.
     """
     from PIL import Image
-    from tqdm import tqdm
 
     from xmodal.io import atomic_write_json, make_temp_dir
+    from xmodal.progress import progress as progress_bar
 
     cfg = cfg or BEVWorldConfig()
     if int(n_scenes) != n_scenes or n_scenes < 1:
@@ -446,7 +446,7 @@ def generate_bev_dataset(out_dir: str | os.PathLike, n_scenes: int, seed: int = 
         for d in ("points", "labels", f"images/{CAMERA}"):
             (staging / d).mkdir(parents=True)
         ids = []
-        for i in tqdm(range(int(n_scenes)), desc=WORLD_NAME, unit="scene", disable=not progress):
+        for i in progress_bar(range(int(n_scenes)), desc=WORLD_NAME, unit="scene", enabled=progress):
             sid = scene_id(i)
             scene, points, image = generate_scene(i, seed, cfg)
             np.save(staging / "points" / f"{sid}.npy", points)

@@ -328,7 +328,7 @@ def synthesize_grid(
     speaker. Re-running with the same settings into a finished folder does nothing; an interrupted run
     resumes where it stopped.
     """
-    from tqdm.auto import tqdm
+    from xmodal.progress import progress as progress_bar
 
     _validate(speakers, utterances, seed, roi_size, fps, sample_rate)
     out = Path(out_dir)
@@ -354,7 +354,7 @@ def synthesize_grid(
     codec = pick_video_codec(codec)
     total_seconds = 0.0
     pixel_stats = np.zeros(3)  # count, sum, sum of squares of uint8 pixels
-    for utt in tqdm(plan, desc="synthetic-grid", unit="utt", disable=not progress):
+    for utt in progress_bar(plan, desc="synthetic-grid", unit="utt", enabled=progress):
         spk = profiles[utt.speaker_index]
         video_rel = f"video/{utt.speaker}/{utt.id}.mp4"
         audio_rel = f"audio/{utt.speaker}/{utt.id}.wav"

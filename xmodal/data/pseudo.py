@@ -116,11 +116,10 @@ def pseudo_label_manifest(manifest: str | Path, out: str | Path, transcribe: Tra
     `sample_rate`, or with `audio` (an `xmodal.data.av.AudioConfig`) the features it names, made by the lip job's
     own extractor. Returns the sidecar record (counts, acceptance rate, recipe); when `<out>.json` already holds
     the same recipe, nothing is recomputed."""
-    from tqdm import tqdm
-
     from xmodal.config import to_dict
     from xmodal.data.av import AUDIO_FEATURES, _pad, load_audio, read_av_manifest
     from xmodal.io import atomic_write, atomic_write_json
+    from xmodal.progress import progress as progress_bar
 
     manifest, out = Path(manifest), Path(out)
     if out.resolve() == manifest.resolve():
@@ -151,7 +150,7 @@ def pseudo_label_manifest(manifest: str | Path, out: str | Path, transcribe: Tra
         else:
             with_audio.append(i)
     batches = [with_audio[k:k + batch_size] for k in range(0, len(with_audio), batch_size)]
-    for batch in tqdm(batches, desc="pseudo-labels", unit="batch", disable=not progress):
+    for batch in progress_bar(batches, desc="pseudo-labels", unit="batch", enabled=progress):
         ids = [records[i].id for i in batch]
         inputs = [extract(load_audio(records[i].audio, audio.sample_rate, records[i].id,
                                      max_expansion=audio.max_expansion), audio, records[i].id) for i in batch]

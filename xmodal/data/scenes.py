@@ -717,9 +717,8 @@ def generate_scene_dataset(
     staging folder that is renamed into place when complete, and world.json, written last, marks the whole
     data set complete; rerunning on a complete folder does nothing.
     """
-    from tqdm import tqdm
-
     from xmodal.io import atomic_write, atomic_write_json
+    from xmodal.progress import progress as progress_bar
 
     cfg = cfg or SceneWorldConfig()
     if image_size is not None:
@@ -739,7 +738,7 @@ def generate_scene_dataset(
     out.mkdir(parents=True, exist_ok=True)
     (out / "world.json").unlink(missing_ok=True)  # from here on the folder is incomplete until rewritten
     total = sum(len(v) for v in world.splits.values())
-    bar = tqdm(total=total, desc="synthetic-scenes", unit="img", disable=not progress)
+    bar = progress_bar(total=total, desc="synthetic-scenes", unit="img", enabled=progress)
     for split, samples in world.splits.items():
         final = out / "images" / split
         staging = out / "images" / f".{split}.partial"

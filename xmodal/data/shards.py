@@ -175,11 +175,11 @@ def write_shards(
     that cannot be read are left out and listed (`on_error="skip"`) or stop the run (`"raise"`).
     `shuffle_seed` writes the images in a seeded random order instead of the file's.
     """
-    from tqdm.auto import tqdm
     from webdataset import ShardWriter
 
     from xmodal.data.image_text import _image_errors, read_records
     from xmodal.io import atomic_write_json
+    from xmodal.progress import progress as progress_bar
 
     check_pattern(pattern)
     if max_count < 1:
@@ -218,7 +218,7 @@ def write_shards(
     writer = ShardWriter(str(out / f".{pattern}.tmp"), maxcount=max_count, maxsize=max_size, post=finished,
                          verbose=0, encoder=False, mtime=0)
     try:
-        for rec, key in tqdm(list(zip(records, keys)), desc="shards", unit="img", disable=not progress or None):
+        for rec, key in progress_bar(list(zip(records, keys)), desc="shards", unit="img", enabled=progress):
             try:
                 ext, data = _image_payload(rec.image)
             except _image_errors() as e:

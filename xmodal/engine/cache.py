@@ -565,10 +565,10 @@ def storage_report(manifest: Mapping[str, Any]) -> dict[str, Any]:
 def _build(teacher, dataset, root: Path, fingerprint: str, n: int, *, batch_size, shard_size, dtype, collate_fn,
            num_workers, device, precision, meta, data, views, progress, rank: int = 0, world: int = 1) -> Path:
     from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
 
     from xmodal.device import autocast, resolve_device
     from xmodal.engine.data import collate_samples, to_device
+    from xmodal.progress import progress as progress_bar
 
     plan = {"num_samples": n, "shard_size": int(shard_size), "dtype": dtype,
             "num_shards": math.ceil(n / shard_size)}
@@ -597,8 +597,8 @@ def _build(teacher, dataset, root: Path, fingerprint: str, n: int, *, batch_size
         record_path = _rank_record_path(root, rank)
     total = sum(min(n, (k + 1) * shard_size) - k * shard_size for k in mine)
     what = "teacher cache" if world == 1 else f"teacher cache (rank {rank} of {world})"
-    bar = tqdm(total=total if world > 1 else n, initial=0 if world > 1 else n - total, desc=what, unit="sample",
-               disable=not progress or rank != 0 or None, dynamic_ncols=True)
+    bar = progress_bar(total=total if world > 1 else n, initial=0 if world > 1 else n - total, desc=what,
+                        unit="sample", enabled=progress and rank == 0)
     np_dtype = np.dtype(DTYPES[dtype])
     for k in mine:
         lo, hi = k * shard_size, min(n, (k + 1) * shard_size)
