@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--timing-steps", type=int, default=20, help="steps per timing round (cache vs online)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--distill-scale", type=float, default=1.0,
+                    help="multiply UniDistill's weights (100 feature, 40 relation, 10 response) by this factor")
     ap.add_argument("--no-report", action="store_true", help="print the section instead of writing BENCHMARKS.md")
     args = ap.parse_args()
     if len(args.seeds) < 3:
@@ -85,12 +87,18 @@ def main() -> None:
             "synthetic": {"train": args.train_scenes, "val": args.val_scenes, "test": args.test_scenes, "seed": 0}}
     job = JOBS.get("bev_distill")
 
+    k = args.distill_scale
+    distill_losses = [{"name": "centerpoint", "weight": 1.0}, {"name": "unidistill_feature", "weight": 100.0 * k},
+                      {"name": "unidistill_relation", "weight": 40.0 * k},
+                      {"name": "unidistill_response", "weight": 10.0 * k}]
+
     def config(name: str, seed: int, *, teacher: dict | None, preset: str, steps: int,
                score: bool = True) -> BEVDistillConfig:
         run_dir = out / "runs" / name
         shutil.rmtree(run_dir, ignore_errors=True)
         cfg = {"run_dir": str(run_dir), "data": data if score else {**data, "val": None, "test": None},
                "student": model_block("camera", args.width), "preset": preset,
+               **({"losses": distill_losses} if preset == "camera_from_lidar" and args.distill_scale != 1.0 else {}),
                "train": train_block(steps, seed, args.batch_size, args.lr), "eval": {"batch_size": 16}}
         if teacher is not None:
             cfg["teacher"] = teacher
@@ -152,6 +160,7 @@ def main() -> None:
         f"held-out test scenes (seeds 0/1/2 of the generator), BEV grid 32 m x 32 m at {args.cell} m; "
         f"LiDAR teacher {args.teacher_steps} steps, each camera student {args.steps} steps of batch "
         f"{args.batch_size}; seeds {', '.join(map(str, args.seeds))} (initialisation and data order); "
+        f"UniDistill weights {100 * k:g} feature, {40 * k:g} relation, {10 * k:g} response; "
         f"test mAP/NDS by the nuScenes rules (NDS over translation, scale and orientation errors: "
         f"(5 mAP + sum(1 - min(1, err))) / 8); {args.threads} thread(s).",
         "",
