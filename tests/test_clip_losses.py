@@ -55,9 +55,11 @@ def test_affinity_at_student_equals_teacher_is_the_teacher_entropy_with_zero_gra
     assert out.loss.item() == pytest.approx(entropy.item(), rel=1e-5)
     out.loss.backward()
     assert sv.grad.abs().max().item() < 1e-5 and st.grad.abs().max().item() < 1e-5
-    # a perturbed student is strictly worse
-    out2 = LOSSES.build("affinity", scale=50.0)(outs(v + 0.3 * torch.randn_like(v), t), outs(v, t))
-    assert out2.loss.item() > out.loss.item()
+    # a perturbed student is strictly worse (a seeded perturbation: with the global RNG the draw depended on the
+    # tests run before, and a small one can leave the saturated softmax unchanged to float precision)
+    noise = torch.randn(v.shape, generator=torch.Generator().manual_seed(0))
+    out2 = LOSSES.build("affinity", scale=50.0)(outs(v + 0.5 * noise, t), outs(v, t))
+    assert out2.loss.item() > out.loss.item() + 1e-3
 
 
 def test_affinity_gradients_reach_the_student_only():
