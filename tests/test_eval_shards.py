@@ -8,8 +8,7 @@ import json
 import tarfile
 
 import pytest
-import torch
-from conftest import tiny_clip_cfg
+from conftest import write_tiny_clip_dir
 from PIL import Image
 
 from xmodal.cli import main
@@ -20,15 +19,8 @@ from xmodal.errors import ConfigError, DataError
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    import open_clip
-
-    cfg = tiny_clip_cfg(embed_dim=32, width=32, layers=1)
-    root = tmp_path_factory.mktemp("tiny_clip")
-    torch.manual_seed(0)
-    model = open_clip.model.CLIP(**cfg)
-    (root / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
-    torch.save(model.state_dict(), root / "open_clip_pytorch_model.bin")
-    return root
+    """A local open_clip folder (config + weights) for a tiny CLIP."""
+    return write_tiny_clip_dir(tmp_path_factory.mktemp("tiny_clip"))
 
 
 def colour(i: int) -> tuple[int, int, int]:
