@@ -164,7 +164,9 @@ def test_two_gloo_processes_build_the_one_process_cache(tmp_path):
 def test_a_killed_rank_resumes_its_finished_shards_and_any_world_size_finishes(tmp_path):
     out = tmp_path / "cache"
     # Rank 1 fails in its third shard (k015..k017 is shard 5, rank 1's third of 1, 3, 5, 7, 9); the group stops.
-    with pytest.raises(mp.ProcessRaisedException, match="simulated crash at k016"):
+    # Whichever rank's error spawn reports first is raised: rank 1's crash, or rank 0 losing its peer at the
+    # barrier, so the crash is checked through what rank 1 recorded, not through the message.
+    with pytest.raises(mp.ProcessRaisedException, match="simulated crash at k016|Connection (closed|reset) by peer"):
         spawn(_build_worker, (str(tmp_path / "init"), str(out), "", 1, "k016"))
     record = json.loads((out / "manifest.rank1.json").read_text())
     assert [e["name"] for e in record["shards"]] == ["shard_00001", "shard_00003"]
