@@ -31,7 +31,8 @@ The contract:
 - Each optimizer step accumulates `cfg.grad_accum` micro-batches (batch-level losses see one micro-batch).
 - `run_dir/` gets `config.yaml`, `metrics.jsonl` (train records every `log_every` steps, `eval/...` records every
   `eval_every`), and `checkpoints/step_XXXXXXX.pt` (+ `latest`), written atomically by rank 0, each ending in a
-  blake2b checksum checked on load. While `fit()` runs the folder is locked: a second writer is refused.
+  blake2b checksum checked on load. While `fit()` runs the folder is locked: a second writer is refused. With
+  `train.report_to: [tensorboard]` every numeric metric also goes to `run_dir/tensorboard/`.
 - Resume: None starts a new run (refused if the folder holds checkpoints); "latest" takes the newest intact
   checkpoint (a damaged one is set aside as `*.damaged` and the one before used) and is an error when there is
   none; "auto" continues if there is one and starts otherwise; a path (a step file or a run folder) resumes from
