@@ -19,7 +19,6 @@ import inspect
 import logging
 import math
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from xmodal.device import resolve_device
 from xmodal.errors import CheckpointError, ConfigError, DataError
 from xmodal.fingerprint import model_fingerprint
 from xmodal.models import config_value, register_teacher
-from xmodal.nn.recognizer import EncoderOutput
+from xmodal.nn.recognizer import EncoderOutput, compression_ratio
 from xmodal.registry import check_kwargs
 from xmodal.seqalign import lengths_to_mask
 
@@ -61,9 +60,7 @@ class Transcript:
 
     @property
     def compression_ratio(self) -> float:
-        """Bytes of text over bytes zlib makes of it: high for the repetition loops decoders fall into."""
-        raw = self.text.encode("utf-8")
-        return len(raw) / len(zlib.compress(raw)) if raw else 0.0
+        return compression_ratio(self.text)
 
 
 class WhisperTeacher(nn.Module):

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from xmodal.data.images import open_rgb
 from xmodal.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -88,12 +89,6 @@ def split_items(items: Sequence[ImageItem], fraction: float, seed: int = 0) -> t
     return train, val
 
 
-def _open_rgb(path: str):
-    from xmodal.data.images import open_rgb
-
-    return open_rgb(path)  # a file or a tar shard's member (`--data wds:PATH`)
-
-
 def _image_errors() -> tuple[type[BaseException], ...]:
     from PIL import Image
 
@@ -106,7 +101,7 @@ def unreadable_images(items: Sequence[ImageItem], workers: int | None = None) ->
 
     def check(item: ImageItem) -> str | None:
         try:
-            _open_rgb(item.path)
+            open_rgb(item.path)
         except errors as e:
             return f"{type(e).__name__}: {e}"
         return None
@@ -158,7 +153,7 @@ class PromptImages(torch.utils.data.Dataset):
 
         item = self.items[index]
         try:
-            image = _open_rgb(item.path)
+            image = open_rgb(item.path)  # a file or a tar shard's member (`--data wds:PATH`)
         except _image_errors() as e:
             if self.on_error == "skip":
                 return None

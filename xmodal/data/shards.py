@@ -459,6 +459,7 @@ class ShardRecords:
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         from xmodal.data.image_text import _image_errors
+        from xmodal.data.images import member_ref, read_image_bytes
         from xmodal.engine.data import sample_seed, seeded_rngs
 
         i, c, key = self._items[index]
@@ -466,9 +467,7 @@ class ShardRecords:
         problem, image = s.problem, None
         if problem is None:
             try:
-                with open(s.shard, "rb") as f:
-                    f.seek(s.offset)
-                    data = f.read(s.size)
+                data = read_image_bytes(member_ref(s.shard, s.offset, s.size))
                 image = decode_image(ShardSample(s.key, data, s.ext, s.captions, s.shard))
             except _image_errors() as e:
                 problem = f"bad image bytes in {s.ext!r} ({type(e).__name__}: {e})"

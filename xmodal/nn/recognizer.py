@@ -226,9 +226,14 @@ class CTCTranscript:
 
     @property
     def compression_ratio(self) -> float:
-        """Bytes of text over bytes zlib makes of it (Whisper's repetition measure)."""
-        raw = self.text.encode("utf-8")
-        return len(raw) / len(zlib.compress(raw)) if raw else 0.0
+        return compression_ratio(self.text)
+
+
+def compression_ratio(text: str) -> float:
+    """Bytes of text over bytes zlib makes of it (Whisper's measure: high for the repetition loops decoders fall
+    into); 0 for an empty text."""
+    raw = text.encode("utf-8")
+    return len(raw) / len(zlib.compress(raw)) if raw else 0.0
 
 
 def ctc_confidence(logits: Tensor, mask: Tensor | None = None, blank: int = 0) -> tuple[list[list[int]], Tensor]:
