@@ -1,6 +1,8 @@
 """`xmodal data pseudo-label`: a speech teacher transcribes a manifest's unlabelled clips; confident transcripts
 become their labels in a new manifest (see `xmodal.data.pseudo`). Teachers that can: whisper, speech (an xmodal
-speech recogniser file, fed the log-mel features its file records) and wav2vec2 with a CTC head and labels."""
+speech recogniser file, fed the log-mel features its file records) and wav2vec2 with a CTC head and labels.
+The teacher's raw transcripts are kept in a teacher cache (--cache), so another filter reuses them and an
+interrupted run resumes."""
 
 from __future__ import annotations
 
@@ -36,6 +38,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="the student's vocabulary (characters or a .model file): transcripts it cannot spell are "
                         "dropped (default: the lip job's character vocabulary)")
     p.add_argument("--relabel", action="store_true", help="transcribe every clip, not only the unlabelled ones")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="teacher cache of the raw transcripts (default: OUT.cache/ beside --out): built once, resumed "
+                        "when interrupted, re-filtered without the teacher when only the thresholds or --vocab change; "
+                        "refused for another teacher or changed audio/manifest (delete it to transcribe again)")
     p.add_argument("--batch-size", type=int, default=8, help="clips per teacher batch (default 8)")
     p.add_argument("--sample-rate", type=int, default=None,
                    help="audio rate (default: the teacher's; needed for a speech recogniser file that does not "
@@ -61,9 +67,11 @@ def run(args: argparse.Namespace) -> int:
     filt = ConfidenceFilter(args.min_avg_logprob, args.max_compression_ratio)
     record = pseudo_label_manifest(args.manifest, args.out, transcribe, audio=audio,
                                    teacher=getattr(teacher, "fingerprint", args.kind), filt=filt, vocab=vocab,
-                                   batch_size=args.batch_size, relabel=args.relabel, progress=not args.no_progress)
+                                   batch_size=args.batch_size, relabel=args.relabel, progress=not args.no_progress,
+                                   cache=args.cache)
     state = "up to date" if record["reused"] else "written"
-    print(f"{args.out}: {state}; {record['asked']} of {record['clips']} clips asked: {record['summary']}")
+    cached = f"; transcripts in {record['cache']} ({record['transcribed']} new)" if record.get("cache") else ""
+    print(f"{args.out}: {state}; {record['asked']} of {record['clips']} clips asked: {record['summary']}{cached}")
     return 0
 
 
