@@ -449,6 +449,7 @@ def main() -> None:
         transcribe, seen = recording(pseudo_teacher.transcribe)
         for stale in (out_file, out_file.with_name(out_file.name + ".json")):
             stale.unlink(missing_ok=True)  # transcripts are only seen when computed
+        shutil.rmtree(out_file.with_name(out_file.name + ".cache"), ignore_errors=True)  # nor from the cache
         filt = ConfidenceFilter(threshold, args.pseudo_max_compression_ratio)
         record = pseudo_label_manifest(manifest, out_file, transcribe, audio=pseudo_teacher.audio_config,
                                        teacher=teacher_id, filt=filt, vocab=vocab, batch_size=16, relabel=relabel)
