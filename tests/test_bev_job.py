@@ -95,6 +95,21 @@ def test_job_end_to_end_then_eval_and_teacher_reuse(tmp_path, data_root, capsys)
     assert loaded["teacher"]["mAP"] == pytest.approx(saved["teacher"]["mAP"])
 
 
+def test_presets_are_valid_and_the_response_preset_trains_only_that_term(tmp_path, data_root):
+    from xmodal.tasks.bev.config import LOSS_PRESETS
+
+    for name, make in LOSS_PRESETS.items():
+        for k, spec in enumerate(make()):
+            spec.check_config(f"preset {name}", f"losses[{k}]")
+    # UniDistill's code softens the teacher's heatmap logits by 2 before the sigmoid
+    response = [s for s in LOSS_PRESETS["camera_from_lidar"]() if s.name == "unidistill_response"]
+    assert [(s.weight, s.params) for s in response] == [(10.0, {"temperature": 2.0})]
+
+    res = _run(_config(tmp_path, data_root, preset="camera_from_lidar_response"))
+    assert [loss["name"] for loss in res["losses"]] == ["centerpoint", "unidistill_response"]
+    assert "loss/unidistill_feature" not in res["train"] and res["train"]["loss/unidistill_response"] > 0
+
+
 def test_student_alone_and_refusals(tmp_path, data_root):
     alone = _run(_config(tmp_path, data_root, teacher=None, preset="detection_only"))
     assert "teacher" not in alone and 0.0 <= alone["student"]["mAP"] <= 1.0
