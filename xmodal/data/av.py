@@ -33,6 +33,10 @@ class VideoConfig:
 
     Training augmentation: horizontal flip with `hflip_prob`, and `time_masks` spans of up to
     `time_mask_max_frames` frames set to zero after normalisation (i.e. to the mean pixel).
+
+    `backend`: decord (the faster one on mouth-crop clips) or pyav, same grey levels. decord decodes ahead of a
+    slower consumer and keeps those frames, so its memory grows with frame size and clip length (370 MiB over a
+    10 s 720p clip in benchmarks/bench_mouth_crops.py); PyAV holds one frame: choose pyav for full-size video.
     """
 
     crop_size: int = 56
