@@ -178,8 +178,8 @@ def main() -> None:
     ]
     described = {"teacher": ("LiDAR teacher", "detection"), "alone": ("camera alone", "detection")}
     for preset in args.presets:
-        terms = " + ".join(f"{s.weight:g}·{s.name}" + (f" (T={s.params['temperature']:g})"
-                                                       if "temperature" in s.params else "")
+        terms = " + ".join(f"{s.weight:g}·{s.name}" + (" (" + ", ".join(f"{k}={v:g}" for k, v in s.params.items())
+                                                       + ")" if s.params else "")
                            for s in LOSS_PRESETS[preset]())
         described[preset] = (f"camera + `{preset}`" + (" (chosen)" if preset == chosen else ""), terms)
     for key, (label, terms) in described.items():
