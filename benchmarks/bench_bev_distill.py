@@ -14,7 +14,7 @@ validation mAP is chosen, and its test mAP is compared with the student trained 
 whether distillation raised the mAP by more than the seed std. Then the training step time of the UniDistill
 student with the teacher online vs read from the teacher cache, alternating rounds.
 
-    python benchmarks/bench_bev_distill.py                      # the full run (about 40 min on 2 CPU cores)
+    python benchmarks/bench_bev_distill.py                      # the full run (about 30 min on one CPU core)
     python benchmarks/bench_bev_distill.py --train-scenes 60 --teacher-steps 150 --steps 150 --no-report
 """
 
