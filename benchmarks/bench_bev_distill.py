@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--train-scenes", type=int, default=800)
     ap.add_argument("--val-scenes", type=int, default=100)
     ap.add_argument("--test-scenes", type=int, default=100)
+    ap.add_argument("--scene-seed", type=int, default=0,
+                    help="generator seed of the training scenes (validation and test use the next two)")
     ap.add_argument("--cell", type=float, default=1.0, help="BEV cell size in metres (grid 32 m x 32 m)")
     ap.add_argument("--width", type=int, default=48, help="backbone and head channels of every detector")
     ap.add_argument("--teacher-steps", type=int, default=600)
@@ -86,7 +88,8 @@ def main() -> None:
     out = Path(args.out).resolve()
     grid = {"x_range": [0.0, 32.0], "y_range": [-16.0, 16.0], "cell": args.cell}
     data = {"root": str(out / "data"), "grid": grid,
-            "synthetic": {"train": args.train_scenes, "val": args.val_scenes, "test": args.test_scenes, "seed": 0}}
+            "synthetic": {"train": args.train_scenes, "val": args.val_scenes, "test": args.test_scenes,
+                          "seed": args.scene_seed}}
     job = JOBS.get("bev_distill")
 
     unknown = [p for p in args.presets if p not in LOSS_PRESETS or p == "detection_only"]
@@ -166,7 +169,8 @@ def main() -> None:
     verdict = "raises" if statistics.mean(gain) > spread else "does not raise"
     lines = [
         f"synthetic-bev scenes: {args.train_scenes} training, {args.val_scenes} validation and {args.test_scenes} "
-        f"held-out test scenes (seeds 0/1/2 of the generator), BEV grid 32 m x 32 m at {args.cell} m; "
+        f"held-out test scenes (seeds {args.scene_seed}/{args.scene_seed + 1}/{args.scene_seed + 2} of the generator), "
+        f"BEV grid 32 m x 32 m at {args.cell} m; "
         f"LiDAR teacher {args.teacher_steps} steps, each camera student {args.steps} steps of batch "
         f"{args.batch_size}; seeds {', '.join(map(str, args.seeds))} (initialisation and data order); "
         f"mAP/NDS by the nuScenes rules (NDS over translation, scale and orientation errors: "
