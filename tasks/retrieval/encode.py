@@ -88,11 +88,9 @@ def _batches(n: int, size: int) -> Iterator[tuple[int, int]]:
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
-    if not enabled:
-        return iterable
     from xmodal.progress import progress
 
-    return progress(iterable, total=total, desc=desc, unit="batch")
+    return progress(iterable, total=total, desc=desc, unit="batch", enabled=enabled)
 
 
 @torch.inference_mode()

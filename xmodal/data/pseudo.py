@@ -19,7 +19,6 @@ what differs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections import Counter
@@ -268,10 +267,11 @@ def pseudo_label_manifest(manifest: str | Path, out: str | Path, transcribe: Tra
     clips = [records[i] for i in with_audio]
     identity = transcript_identity(manifest, clips, audio)
     fp = fingerprint(teacher, data=identity)
-    recipe = {"teacher": teacher, "manifest": hashlib.sha256(manifest.read_bytes()).hexdigest(), "relabel": relabel,
-              "min_avg_logprob": filt.min_avg_logprob, "max_compression_ratio": filt.max_compression_ratio,
+    # the fingerprint covers the teacher, the manifest's content, the audio files and the input settings
+    recipe = {"teacher": teacher, "fingerprint": fp, "relabel": relabel, "min_avg_logprob": filt.min_avg_logprob,
+              "max_compression_ratio": filt.max_compression_ratio,
               "vocab": None if vocab is None else vocab.to_dict(), "sample_rate": audio.sample_rate,
-              "audio": to_dict(audio), "fingerprint": fp}
+              "audio": to_dict(audio)}
     sidecar = out.with_name(out.name + ".json")
     if out.is_file() and sidecar.is_file():
         try:
